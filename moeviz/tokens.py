@@ -1,0 +1,69 @@
+"""Text -> token ids, character offsets and faithful token strings.
+
+Byte-level BPE tokens can hold part of a UTF-8 character (an emoji is often split over two or
+three tokens). Decoding such a token alone gives U+FFFD, which hides what the model saw; we
+show the raw bytes instead, e.g. `\\xf0\\x9f`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    ids: list[int]
+    tokens: list[str]
+    offsets: list[tuple[int, int]]
+    input_token_count: int  # before the cut at max_tokens
+
+
+def tokenize(tokenizer, text: str, max_tokens: int) -> Tokenized:
+    """Tokenize `text` as the model sees it (special tokens included), cut at `max_tokens`."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError("The text is empty: paste or type some text to analyse.")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)
+    ids = list(encoding["input_ids"])
+    offsets = [tuple(span) for span in encoding["offset_mapping"]]
+    kept = ids[:max_tokens]
+    return Tokenized(
+        ids=kept,
+        tokens=token_strings(tokenizer, kept),
+        offsets=offsets[:max_tokens],
+        input_token_count=len(ids),
+    )
+
+
+def token_strings(tokenizer, ids: list[int]) -> list[str]:
+    """What each token stands for, faithfully: text where it is whole UTF-8, `\\xNN` escapes
+    for the bytes of a partial character, special tokens as their names."""
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    special = set(tokenizer.all_special_tokens)
+    if _is_byte_level(tokenizer):
+        return [piece if piece in special else _byte_level_text(piece) for piece in pieces]
+    return [piece if piece in special else piece.replace("\u2581", " ") for piece in pieces]
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
+def _byte_level_text(piece: str) -> str:
+    decoder = _byte_decoder()
+    if not all(char in decoder for char in piece):
+        return piece
+    return bytes(decoder[char] for char in piece).decode("utf-8", errors="backslashreplace")
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable stand-in character of each byte."""
+    return {char: byte for byte, char in bytes_to_unicode().items()}

@@ -1,0 +1,177 @@
+"""RoutingTrace: the routing of one text through one MoE model, as plain data.
+
+Everything the app shows is a pure function of a trace. A trace holds numpy arrays and
+JSON-able fields only, and saves to a single safetensors file (tensors + JSON metadata in the
+header): no pickle, so a trace made on a GPU box opens safely on a laptop.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+TRACE_FORMAT = "moeviz-trace"
+TRACE_VERSION = 1
+SCORING_FUNCTIONS = ("softmax", "sigmoid")
+_ARRAY_FIELDS = ("topk_ids", "topk_weights", "router_logits")
+
+
+class TraceFileError(ValueError):
+    """A file that is not a readable moeviz trace."""
+
+
+@dataclass(frozen=True, eq=False)
+class RoutingTrace:
+    """Routing of one text through one model.
+
+    topk_ids:      int32[layers, tokens, k]    experts the model actually used, by weight
+    topk_weights:  float32[layers, tokens, k]  their mixing weights, as the model applied them
+    router_logits: float32[layers, tokens, experts]  raw router outputs before scoring
+
+    `layer_ids` are the true decoder-layer numbers of the MoE layers (dense layers are absent
+    from the arrays but counted in `num_layers`). `offsets` are character spans of each token
+    in `text`; special tokens have empty spans.
+    """
+
+    model_id: str
+    model_type: str
+    num_experts: int
+    top_k: int
+    scoring: str
+    num_layers: int
+    layer_ids: list[int]
+    text: str
+    tokens: list[str]
+    token_ids: list[int]
+    offsets: list[tuple[int, int]]
+    topk_ids: np.ndarray
+    topk_weights: np.ndarray
+    router_logits: np.ndarray
+    input_token_count: int = -1  # tokens in the whole input before the token limit cut it
+    router_class: str = ""
+
+    def __post_init__(self):
+        if self.input_token_count < 0:
+            object.__setattr__(self, "input_token_count", len(self.tokens))
+        object.__setattr__(self, "offsets", [tuple(map(int, o)) for o in self.offsets])
+        self._validate()
+
+    def _validate(self) -> None:
+        layers, tokens, k = len(self.layer_ids), len(self.tokens), self.top_k
+        if self.scoring not in SCORING_FUNCTIONS:
+            raise ValueError(f"scoring must be one of {SCORING_FUNCTIONS}, got {self.scoring!r}")
+        if len(self.token_ids) != tokens or len(self.offsets) != tokens:
+            raise ValueError(
+                f"{tokens} tokens but {len(self.token_ids)} token ids and {len(self.offsets)} offsets"
+            )
+        expected = {
+            "topk_ids": (layers, tokens, k),
+            "topk_weights": (layers, tokens, k),
+            "router_logits": (layers, tokens, self.num_experts),
+        }
+        for name, shape in expected.items():
+            actual = getattr(self, name).shape
+            if actual != shape:
+                raise ValueError(f"{name} has shape {actual}, expected [layers, tokens, ...] = {shape}")
+        if self.topk_ids.size and not (0 <= self.topk_ids.min() and self.topk_ids.max() < self.num_experts):
+            raise ValueError(f"topk_ids must lie in [0, {self.num_experts}), got {self.topk_ids.min()}..{self.topk_ids.max()}")
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def truncated(self) -> bool:
+        return self.input_token_count > self.num_tokens
+
+    @property
+    def router_probs(self) -> np.ndarray:
+        """float32[layers, tokens, experts]: router scores with the model's own scoring function."""
+        logits = self.router_logits.astype(np.float64)
+        if self.scoring == "sigmoid":
+            probs = 1.0 / (1.0 + np.exp(-logits))
+        else:
+            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+            probs = shifted / shifted.sum(axis=-1, keepdims=True)
+        return probs.astype(np.float32)
+
+    @property
+    def first_choice(self) -> np.ndarray:
+        """int32[layers, tokens]: the highest-weighted expert of each token."""
+        return self.topk_ids[..., 0]
+
+    def layer_index(self, layer_id: int) -> int:
+        """Position of decoder layer `layer_id` in the arrays."""
+        try:
+            return self.layer_ids.index(layer_id)
+        except ValueError:
+            raise ValueError(
+                f"layer {layer_id} has no router in this trace; MoE layers are {self.layer_ids}"
+            ) from None
+
+    # -- files ---------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The trace as one safetensors file: arrays as tensors, everything else as JSON."""
+        tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAY_FIELDS}
+        meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _ARRAY_FIELDS}
+        header = {"format": TRACE_FORMAT, "version": str(TRACE_VERSION), "fields": json.dumps(meta)}
+        return safetensors.numpy.save(tensors, metadata=header)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RoutingTrace:
+        header = _read_safetensors_metadata(data)
+        if header.get("format") != TRACE_FORMAT:
+            raise TraceFileError(
+                "This safetensors file is not a moeviz trace (it may be model weights): "
+                "its header has no 'format: moeviz-trace'. Open a file saved by moeviz."
+            )
+        if header.get("version") != str(TRACE_VERSION):
+            raise TraceFileError(
+                f"This trace was written in format version {header.get('version')}; "
+                f"this moeviz reads version {TRACE_VERSION}."
+            )
+        try:
+            tensors = safetensors.numpy.load(data)
+            meta = json.loads(header["fields"])
+            return cls(**meta, **{name: tensors[name] for name in _ARRAY_FIELDS})
+        except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as error:
+            raise TraceFileError(f"This moeviz trace file is damaged: {error}") from error
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_bytes(self.to_bytes())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> RoutingTrace:
+        path = Path(path)
+        if not path.is_file():
+            raise TraceFileError(f"No trace file at {path}")
+        return cls.from_bytes(path.read_bytes())
+
+
+def _read_safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file: an 8-byte little-endian header length, then
+    that many bytes of JSON. Checked by hand so that a damaged file gets a clear message."""
+    if len(data) < 8:
+        raise TraceFileError(f"This file is too short to be a moeviz trace ({len(data)} bytes).")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > len(data) - 8:
+        raise TraceFileError(
+            "This is not a moeviz trace, or it is truncated: its header claims "
+            f"{header_len} bytes but the file has {len(data)}."
+        )
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise TraceFileError("This is not a moeviz trace: its header is not JSON.") from None
+    if not isinstance(header, dict):
+        raise TraceFileError("This is not a moeviz trace: its header is not a JSON object.")
+    return header.get("__metadata__") or {}
