@@ -1,0 +1,304 @@
+"""Routing metrics: pure numpy functions of a RoutingTrace.
+
+Load, router entropy, the auxiliary balance loss, capacity drops, adjacent-token repeat rates,
+co-activation, cross-layer transitions and Jensen-Shannon divergence between loads.
+
+Sources: GShard (Lepikhin et al. 2020, arXiv:2006.16668), Switch Transformers (Fedus et al.
+2021, arXiv:2101.03961), Mixtral of Experts (Jiang et al. 2024, arXiv:2401.04088, Sec. 5), and
+transformers' `load_balancing_loss_func`. Every function assumes, as every top-k router
+guarantees, that a token's k experts are distinct.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from moeviz.trace import RoutingTrace
+
+
+# -- load and router scores --------------------------------------------------------------
+
+
+def expert_load(trace: RoutingTrace, choices: int | None = None) -> np.ndarray:
+    """float[layers, experts]: share of tokens that have expert e among their first `choices`
+    picks (default: all k).
+
+    load[l, e] = #{t : e in topk_ids[l, t, :choices]} / T, so each row sums to `choices`;
+    `uniform_load` is the value every expert would get under perfect balance.
+    """
+    choices = _checked_choices(trace, choices)
+    _require_tokens(trace, 1)
+    return _expert_counts(trace.topk_ids[..., :choices], trace.num_experts) / trace.num_tokens
+
+
+def uniform_load(trace: RoutingTrace, choices: int | None = None) -> float:
+    """The `expert_load` of every expert under perfect balance: choices / E."""
+    return _checked_choices(trace, choices) / trace.num_experts
+
+
+def router_entropy(trace: RoutingTrace) -> np.ndarray:
+    """float[layers, tokens]: Shannon entropy in bits of each token's router distribution.
+
+    H = -sum_e p_e log2 p_e (0 log 0 = 0), p = `trace.router_probs` normalised to sum 1 (a no-op
+    for softmax; for sigmoid scoring it turns independent scores into a distribution).
+    0 for a router certain of one expert, log2(E) for a uniform one.
+    """
+    probs = _routing_distribution(trace)
+    terms = np.log2(probs, out=np.zeros_like(probs), where=probs > 0)
+    terms *= probs  # in place: traces reach 60 layers × 2,048 tokens × 256 experts
+    return -terms.sum(axis=-1, dtype=np.float64)
+
+
+def balance_loss(trace: RoutingTrace) -> np.ndarray:
+    """float[layers]: the Switch/GShard auxiliary load-balancing loss, per layer, unscaled by α.
+
+    loss = E · sum_i f_i · P_i  (Switch Transformers, eq. 4; GShard, top-2)
+      f_i = share of tokens with expert i among their top-k (`expert_load`, so sum_i f_i = k)
+      P_i = mean over tokens of the router probability of expert i (`router_probs`; sigmoid
+            scores are normalised per token first, as in DeepSeek-V3's sequence-wise loss)
+    A perfectly balanced layer (f_i = k/E, P_i = 1/E) scores k, as in transformers'
+    `load_balancing_loss_func` (2.0 for a balanced top-2 Mixtral), which pools all layers
+    into one number where this gives one per layer. At most E (f_i <= 1 and sum_i P_i = 1),
+    reached when all tokens pick the same experts and the router is sure of one of them.
+    """
+    fraction = expert_load(trace)
+    mean_prob = _routing_distribution(trace).mean(axis=1, dtype=np.float64)
+    return trace.num_experts * (fraction * mean_prob).sum(axis=-1)
+
+
+# -- capacity ----------------------------------------------------------------------------
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Assignments one expert may take: C = floor(α · k · T / E).
+
+    GShard (Sec. 2.2) and Switch Transformers (eq. 3, with k = 1) size every expert's buffer
+    as the capacity factor α times its share of the k·T assignments under perfect balance.
+    """
+    if capacity_factor <= 0:
+        raise ValueError(
+            f"capacity_factor must be > 0 (1.0 = exactly the balanced share), got {capacity_factor}"
+        )
+    return math.floor(capacity_factor * (top_k * num_tokens) / num_experts)
+
+
+def capacity_drops(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
+    """int[layers, experts]: assignments each expert drops when it can take only C
+    (`expert_capacity`).
+
+    Switch-style dropping keeps the first C assignments an expert receives in token order and
+    drops the rest, so whatever the order: dropped_e = max(count_e - C, 0).
+    """
+    counts = _expert_counts(trace.topk_ids, trace.num_experts)
+    return np.maximum(counts - _capacity(trace, capacity_factor), 0)
+
+
+def dropped_token_share(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
+    """float[layers]: share of tokens with at least one assignment dropped at capacity C.
+
+    Assignments are queued in token order t = 0..T-1 and, within a token, slot order 0..k-1;
+    an assignment is dropped when its place in its expert's queue is >= C (Switch Transformers,
+    Sec. 2.2: overflow tokens skip the expert).
+    """
+    _require_tokens(trace, 1)
+    dropped = _queue_positions(trace.topk_ids, trace.num_experts) >= _capacity(trace, capacity_factor)
+    return dropped.any(axis=-1).mean(axis=-1)
+
+
+# -- adjacent-token repeats (Mixtral paper, Table 5) --------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RepeatRates:
+    """How often adjacent tokens t, t+1 reuse an expert, per layer: three float[layers].
+
+    same_first:    first choice of t+1 == first choice of t
+    first_in_topk: first choice of t+1 is among the top-k of t
+    any_shared:    the top-k sets of t and t+1 share at least one expert
+    """
+
+    same_first: np.ndarray
+    first_in_topk: np.ndarray
+    any_shared: np.ndarray
+
+
+def repeat_rates(trace: RoutingTrace) -> RepeatRates:
+    """Share of the T-1 adjacent token pairs (t, t+1) that repeat an expert, per layer.
+
+    Mixtral of Experts, Sec. 5, Table 5: its "first choice" column is `same_first`, its
+    "first or second choice" column (chance 46% for top-2 of 8) is `any_shared`.
+    """
+    _require_tokens(trace, 2)
+    before, after = trace.topk_ids[:, :-1, :], trace.topk_ids[:, 1:, :]
+    first_before, first_after = before[..., 0], after[..., 0]
+    shared = before[..., :, None] == after[..., None, :]
+    return RepeatRates(
+        same_first=(first_after == first_before).mean(axis=-1),
+        first_in_topk=(before == first_after[..., None]).any(axis=-1).mean(axis=-1),
+        any_shared=shared.any(axis=(-2, -1)).mean(axis=-1),
+    )
+
+
+def repeat_chance(trace: RoutingTrace) -> RepeatRates:
+    """`repeat_rates` expected if every token drew its k experts uniformly and independently.
+
+    same_first = 1/E;  first_in_topk = k/E;  any_shared = 1 - C(E-k, k) / C(E, k)
+    (for Mixtral, E = 8, k = 2: 12.5% and 1 - 15/28 = 46%, the paper's chance levels).
+    """
+    experts, k = trace.num_experts, trace.top_k
+    layers = len(trace.layer_ids)
+    return RepeatRates(
+        same_first=np.full(layers, 1 / experts),
+        first_in_topk=np.full(layers, k / experts),
+        any_shared=np.full(layers, 1 - math.comb(experts - k, k) / math.comb(experts, k)),
+    )
+
+
+def marginal_repeat_chance(trace: RoutingTrace) -> np.ndarray:
+    """float[layers]: the `same_first` rate expected if tokens were independent but kept the
+    observed first-choice load: sum_e q_e², q = `expert_load(trace, 1)`.
+
+    A same_first rate above it means adjacent tokens agree more than load skew alone explains.
+    """
+    _require_tokens(trace, 2)
+    return (expert_load(trace, 1) ** 2).sum(axis=-1)
+
+
+# -- expert pairs ------------------------------------------------------------------------
+
+
+def coactivation(trace: RoutingTrace, layer_index: int) -> np.ndarray:
+    """int[experts, experts]: C[i, j] = tokens with both i and j among their top-k (i != j);
+    C[i, i] = tokens that selected i. Symmetric.
+
+    `layer_index` is the position in the trace's arrays (`trace.layer_index(layer_id)`).
+    """
+    _check_layer_index(trace, layer_index, "layer_index")
+    ids = trace.topk_ids[layer_index].astype(np.int64)
+    pairs = ids[:, :, None] * trace.num_experts + ids[:, None, :]
+    return _pair_counts(pairs, trace.num_experts)
+
+
+def layer_transitions(trace: RoutingTrace, from_index: int, to_index: int) -> np.ndarray:
+    """int[experts, experts]: M[a, b] = tokens whose first choice is a at layer position
+    `from_index` and b at `to_index`. Sums to T."""
+    _check_layer_index(trace, from_index, "from_index")
+    _check_layer_index(trace, to_index, "to_index")
+    first = trace.first_choice.astype(np.int64)
+    return _pair_counts(first[from_index] * trace.num_experts + first[to_index], trace.num_experts)
+
+
+# -- comparing loads ---------------------------------------------------------------------
+
+
+def js_divergence(p: ArrayLike, q: ArrayLike) -> float:
+    """Jensen-Shannon divergence in bits between two non-negative vectors float[n], each
+    normalised to sum 1 first: JS = ½ KL(p‖m) + ½ KL(q‖m), m = ½(p + q), with base-2 logs and
+    0·log 0 = 0 (Lin 1991). 0 for proportional vectors, 1 for disjoint supports.
+    """
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    if p.shape != q.shape:
+        raise ValueError(f"js_divergence needs two vectors of the same shape, got {p.shape} and {q.shape}")
+    p, q = _as_distribution(p, "p"), _as_distribution(q, "q")
+    mean = (p + q) / 2
+    divergence = (_kl_bits(p, mean) + _kl_bits(q, mean)) / 2
+    return float(np.clip(divergence, 0.0, 1.0))  # rounding can step just outside [0, 1]
+
+
+def load_js_matrix(loads: list[ArrayLike]) -> np.ndarray:
+    """float[n, n]: D[i, j] = js_divergence(loads[i], loads[j]) for n loads float[experts].
+    Symmetric with a zero diagonal."""
+    count = len(loads)
+    matrix = np.zeros((count, count))
+    for i in range(count):
+        for j in range(i + 1, count):
+            matrix[i, j] = matrix[j, i] = js_divergence(loads[i], loads[j])
+    return matrix
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+def _expert_counts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """int[layers, experts]: assignments per expert, from topk_ids int[layers, tokens, c]."""
+    layers = topk_ids.shape[0]
+    keys = np.arange(layers)[:, None, None] * num_experts + topk_ids
+    return np.bincount(keys.ravel(), minlength=layers * num_experts).reshape(layers, num_experts)
+
+
+def _queue_positions(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """int[layers, tokens, k]: how many assignments the same expert received earlier in the same
+    layer, in (token, slot) order. A stable sort groups each expert's assignments in that order;
+    the place within the group is the queue position."""
+    layers = topk_ids.shape[0]
+    keys = (np.arange(layers)[:, None, None] * num_experts + topk_ids).ravel()
+    order = np.argsort(keys, kind="stable")
+    counts = np.bincount(keys, minlength=layers * num_experts)
+    group_start = np.cumsum(counts) - counts
+    positions = np.empty_like(keys)
+    positions[order] = np.arange(keys.size) - group_start[keys[order]]
+    return positions.reshape(topk_ids.shape)
+
+
+def _capacity(trace: RoutingTrace, capacity_factor: float) -> int:
+    return expert_capacity(trace.num_tokens, trace.num_experts, trace.top_k, capacity_factor)
+
+
+def _pair_counts(keys: np.ndarray, num_experts: int) -> np.ndarray:
+    """int[experts, experts] histogram of flat pair keys a · E + b."""
+    return np.bincount(keys.ravel(), minlength=num_experts**2).reshape(num_experts, num_experts)
+
+
+def _routing_distribution(trace: RoutingTrace) -> np.ndarray:
+    """float32[layers, tokens, experts]: router scores normalised to sum 1 per token."""
+    probs = trace.router_probs
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs
+
+
+def _as_distribution(vector: np.ndarray, name: str) -> np.ndarray:
+    if not np.isfinite(vector).all() or (vector < 0).any():
+        raise ValueError(f"{name} has negative or non-finite entries; pass loads or counts (>= 0)")
+    total = vector.sum()
+    if total == 0:
+        raise ValueError(f"{name} is all zeros, so it cannot be normalised to a distribution")
+    return vector / total
+
+
+def _kl_bits(p: np.ndarray, m: np.ndarray) -> float:
+    """KL(p‖m) in bits, skipping p = 0 terms; m > 0 wherever p > 0."""
+    support = p > 0
+    return float((p[support] * np.log2(p[support] / m[support])).sum())
+
+
+def _checked_choices(trace: RoutingTrace, choices: int | None) -> int:
+    if choices is None:
+        return trace.top_k
+    if not 1 <= choices <= trace.top_k:
+        raise ValueError(
+            f"choices must be between 1 and top_k = {trace.top_k} (picks per token), got {choices}"
+        )
+    return choices
+
+
+def _check_layer_index(trace: RoutingTrace, index: int, name: str) -> None:
+    layers = len(trace.layer_ids)
+    if not 0 <= index < layers:
+        raise ValueError(
+            f"{name} {index} is out of range: this trace has {layers} MoE layers, so use "
+            f"0..{layers - 1} (a position in the arrays, not a layer id; "
+            "trace.layer_index(layer_id) converts)"
+        )
+
+
+def _require_tokens(trace: RoutingTrace, minimum: int) -> None:
+    if trace.num_tokens < minimum:
+        noun = "token" if minimum == 1 else "tokens"
+        raise ValueError(
+            f"need at least {minimum} {noun}, this trace has {trace.num_tokens}; "
+            "trace a longer text"
+        )

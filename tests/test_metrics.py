@@ -1,0 +1,389 @@
+"""Routing metrics against values computed by hand on small traces."""
+
+import math
+
+import numpy as np
+import pytest
+from factories import make_trace
+
+from moeviz import metrics
+
+LN2, LN3 = math.log(2), math.log(3)
+
+# Two layers, six tokens, four experts, top-2; slot 0 is the first choice.
+#            t0      t1      t2      t3      t4      t5
+SKEWED = [
+    [[0, 1], [0, 2], [0, 1], [3, 0], [0, 3], [2, 1]],  # layer 0: expert 0 in 5 of 6 tokens
+    [[1, 2], [2, 3], [3, 0], [0, 1], [1, 2], [2, 3]],  # layer 1
+]
+
+
+@pytest.fixture
+def skewed():
+    return make_trace(SKEWED, num_experts=4)
+
+
+def one_token(logits, topk=(0, 1), scoring="softmax"):
+    """One layer, one token, four experts, with the given router logits."""
+    return make_trace([[list(topk)]], router_logits=[[logits]], scoring=scoring)
+
+
+# -- load --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "choices, expected",
+    [
+        # layer 0 counts over both slots: e0 t0-t4 = 5, e1 t0,t2,t5 = 3, e2 t1,t5 = 2, e3 t3,t4 = 2
+        # layer 1: e0 t2,t3 = 2, e1 t0,t3,t4 = 3, e2 t0,t1,t4,t5 = 4, e3 t1,t2,t5 = 3;  / 6 tokens
+        (None, [[5 / 6, 3 / 6, 2 / 6, 2 / 6], [2 / 6, 3 / 6, 4 / 6, 3 / 6]]),
+        (2, [[5 / 6, 3 / 6, 2 / 6, 2 / 6], [2 / 6, 3 / 6, 4 / 6, 3 / 6]]),
+        # first choices: layer 0 = 0,0,0,3,0,2; layer 1 = 1,2,3,0,1,2
+        (1, [[4 / 6, 0, 1 / 6, 1 / 6], [1 / 6, 2 / 6, 2 / 6, 1 / 6]]),
+    ],
+)
+def test_expert_load(skewed, choices, expected):
+    np.testing.assert_allclose(metrics.expert_load(skewed, choices), expected)
+
+
+@pytest.mark.parametrize("choices, expected", [(None, 0.5), (2, 0.5), (1, 0.25)])  # choices / 4
+def test_uniform_load(skewed, choices, expected):
+    assert metrics.uniform_load(skewed, choices) == expected
+
+
+@pytest.mark.parametrize("function", [metrics.expert_load, metrics.uniform_load])
+@pytest.mark.parametrize("choices", [0, 3])
+def test_choices_out_of_range(skewed, function, choices):
+    with pytest.raises(ValueError, match="choices must be between 1 and top_k = 2"):
+        function(skewed, choices)
+
+
+def test_expert_load_needs_a_token():
+    empty = make_trace(np.zeros((1, 0, 2)), num_experts=4)
+    with pytest.raises(ValueError, match="need at least 1 token, this trace has 0"):
+        metrics.expert_load(empty)
+
+
+# -- router entropy ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "logits, scoring, expected",
+    [
+        # uniform router: log2(4) = 2 bits
+        ([0, 0, 0, 0], "softmax", 2.0),
+        # sigmoid(0) = 1/2 each, normalised to 1/4 each: 2 bits
+        ([0, 0, 0, 0], "sigmoid", 2.0),
+        # softmax([ln2, 0, 0, -inf]) = [2, 1, 1, 0] / 4 = [1/2, 1/4, 1/4, 0]:
+        # 1/2·1 + 1/4·2 + 1/4·2 + 0 = 1.5 bits
+        ([LN2, 0, 0, -np.inf], "softmax", 1.5),
+        # sigmoid(±ln3) = 3/4, 1/4 -> [3/4, 3/4, 1/4, 1/4] / 2 = [3/8, 3/8, 1/8, 1/8]:
+        # 2·3/8·log2(8/3) + 2·1/8·3 = 3 - 3/4·log2(3) = 1.8112781 bits
+        # (the raw scores would give 1.6226)
+        ([LN3, LN3, -LN3, -LN3], "sigmoid", 1.8112781),
+    ],
+)
+def test_router_entropy(logits, scoring, expected):
+    entropy = metrics.router_entropy(one_token(logits, scoring=scoring))
+    assert entropy.shape == (1, 1)
+    assert entropy[0, 0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_router_entropy_of_a_uniform_router_is_log2_experts(skewed):
+    # zero logits everywhere: every token of both layers has 2 bits = log2(4)
+    np.testing.assert_allclose(metrics.router_entropy(skewed), np.full((2, 6), 2.0))
+
+
+# -- balance loss ------------------------------------------------------------------------
+
+
+def test_balance_loss_of_a_balanced_trace_is_k():
+    # t0 picks {0, 1}, t1 picks {2, 3}: f = [1/2, 1/2, 1/2, 1/2] = k/E.
+    # probs t0 = [.4, .4, .1, .1], t1 = [.1, .1, .4, .4]: P = [1/4, 1/4, 1/4, 1/4].
+    # 4 · 4 · (1/2 · 1/4) = 2 = k
+    logits = np.log([[[0.4, 0.4, 0.1, 0.1], [0.1, 0.1, 0.4, 0.4]]])
+    trace = make_trace([[[0, 1], [2, 3]]], router_logits=logits)
+    np.testing.assert_allclose(metrics.balance_loss(trace), [2.0], rtol=1e-6)
+
+
+def test_balance_loss_of_a_uniform_router_is_k_whatever_the_load(skewed):
+    # P_i = 1/4, so E · sum_i f_i · 1/E = sum_i f_i = k = 2 on both layers
+    np.testing.assert_allclose(metrics.balance_loss(skewed), [2.0, 2.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "logits, scoring, expected",
+    [
+        # both tokens pick {0, 1}: f = [1, 1, 0, 0]; probs [1/2, 1/4, 1/4, 0] for both tokens.
+        # 4 · (1 · 1/2 + 1 · 1/4) = 3
+        ([LN2, 0, 0, -np.inf], "softmax", 3.0),
+        # normalised sigmoid scores [3/8, 3/8, 1/8, 1/8]: 4 · (3/8 + 3/8) = 3 (raw scores: 6)
+        ([LN3, LN3, -LN3, -LN3], "sigmoid", 3.0),
+        # router sure of expert 0: P = [1, 0, 0, 0]: 4 · 1 = 4 = E, the maximum
+        ([0, -np.inf, -np.inf, -np.inf], "softmax", 4.0),
+    ],
+)
+def test_balance_loss_of_a_skewed_trace(logits, scoring, expected):
+    trace = make_trace([[[0, 1], [0, 1]]], router_logits=[[logits, logits]], scoring=scoring)
+    np.testing.assert_allclose(metrics.balance_loss(trace), [expected], rtol=1e-6)
+
+
+# -- capacity ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, k, capacity_factor, expected",
+    [
+        (6, 4, 2, 1.0, 3),  # 1 · 2 · 6 / 4 = 3
+        (6, 4, 2, 0.5, 1),  # 0.5 · 12 / 4 = 1.5 -> 1
+        (6, 4, 2, 1.25, 3),  # 1.25 · 12 / 4 = 3.75 -> 3
+        (10, 8, 1, 1.0, 1),  # 10 / 8 = 1.25 -> 1
+        (2048, 8, 2, 1.0, 512),  # 4096 / 8
+        (3, 8, 1, 1.0, 0),  # 3 / 8 -> 0: every assignment overflows
+    ],
+)
+def test_expert_capacity(tokens, experts, k, capacity_factor, expected):
+    assert metrics.expert_capacity(tokens, experts, k, capacity_factor) == expected
+
+
+@pytest.mark.parametrize("capacity_factor", [0, -1.0])
+def test_expert_capacity_rejects_non_positive_factor(capacity_factor):
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        metrics.expert_capacity(6, 4, 2, capacity_factor)
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, drops, token_share",
+    [
+        # C = 3. Layer 0: expert 0 gets 5 -> 2 dropped, in queue order t0 t1 t2 | t3 t4,
+        # so tokens t3, t4 lose one expert: 2/6. Layer 1: expert 2 gets 4 -> 1 dropped
+        # (queue t0 t1 t4 | t5): 1/6.
+        (1.0, [[2, 0, 0, 0], [0, 0, 1, 0]], [2 / 6, 1 / 6]),
+        # C = 1: every expert keeps its first assignment. Drops = counts - 1.
+        # Layer 0 keeps e0 t0, e1 t0, e2 t1(slot 1), e3 t3 -> only t0 keeps both: 5/6.
+        # Layer 1 keeps e1 t0, e2 t0, e3 t1(slot 1), e0 t3 -> again only t0 keeps both: 5/6.
+        (0.5, [[4, 2, 1, 1], [1, 2, 3, 2]], [5 / 6, 5 / 6]),
+        # C = 6 >= every count: nothing dropped
+        (2.0, [[0, 0, 0, 0], [0, 0, 0, 0]], [0, 0]),
+    ],
+)
+def test_capacity_drops(skewed, capacity_factor, drops, token_share):
+    np.testing.assert_array_equal(metrics.capacity_drops(skewed, capacity_factor), drops)
+    np.testing.assert_allclose(metrics.dropped_token_share(skewed, capacity_factor), token_share)
+
+
+@pytest.mark.parametrize("function", [metrics.capacity_drops, metrics.dropped_token_share])
+def test_capacity_functions_reject_non_positive_factor(skewed, function):
+    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+        function(skewed, 0.0)
+
+
+# -- repeat rates ------------------------------------------------------------------------
+
+
+def test_repeat_rates(skewed):
+    rates = metrics.repeat_rates(skewed)
+    # Layer 0, pairs (t0,t1) (t1,t2) (t2,t3) (t3,t4) (t4,t5):
+    #   same first:        0=0  0=0  0≠3  3≠0  0≠2          -> 2/5
+    #   first in top-k:    0∈{0,1} 0∈{0,2} 3∉{0,1} 0∈{3,0} 2∉{0,3} -> 3/5
+    #   any shared:        yes yes {0} {0,3} none            -> 4/5
+    # Layer 1: first choices 1,2,3,0,1,2 never repeat -> 0, but each is in the previous
+    #   token's top-2 ({1,2}∋2, {2,3}∋3, {3,0}∋0, {0,1}∋1, {1,2}∋2) -> 1, so shared -> 1.
+    np.testing.assert_allclose(rates.same_first, [2 / 5, 0])
+    np.testing.assert_allclose(rates.first_in_topk, [3 / 5, 1])
+    np.testing.assert_allclose(rates.any_shared, [4 / 5, 1])
+
+
+@pytest.mark.parametrize(
+    "experts, k, same_first, first_in_topk, any_shared",
+    [
+        # E = 4, k = 2: 1/4, 2/4, 1 - C(2,2)/C(4,2) = 1 - 1/6 = 5/6
+        (4, 2, 1 / 4, 2 / 4, 5 / 6),
+        # Mixtral, E = 8, k = 2: 1/8, 2/8, 1 - C(6,2)/C(8,2) = 1 - 15/28 = 13/28 ≈ 0.464
+        (8, 2, 1 / 8, 2 / 8, 13 / 28),
+        # top-1: all three are "same expert": 1/8, 1/8, 1 - C(7,1)/C(8,1) = 1/8
+        (8, 1, 1 / 8, 1 / 8, 1 / 8),
+    ],
+)
+def test_repeat_chance(experts, k, same_first, first_in_topk, any_shared):
+    trace = make_trace(np.zeros((2, 3, k)) + np.arange(k), num_experts=experts)
+    chance = metrics.repeat_chance(trace)
+    np.testing.assert_allclose(chance.same_first, [same_first, same_first])
+    np.testing.assert_allclose(chance.first_in_topk, [first_in_topk, first_in_topk])
+    np.testing.assert_allclose(chance.any_shared, [any_shared, any_shared])
+
+
+def test_marginal_repeat_chance(skewed):
+    # first-choice shares q: layer 0 [4, 0, 1, 1] / 6 -> (16 + 0 + 1 + 1) / 36 = 1/2
+    #                        layer 1 [1, 2, 2, 1] / 6 -> (1 + 4 + 4 + 1) / 36 = 5/18
+    np.testing.assert_allclose(metrics.marginal_repeat_chance(skewed), [1 / 2, 5 / 18])
+
+
+@pytest.mark.parametrize("function", [metrics.repeat_rates, metrics.marginal_repeat_chance])
+def test_repeat_metrics_need_two_tokens(function):
+    with pytest.raises(ValueError, match="need at least 2 tokens, this trace has 1"):
+        function(make_trace([[[0, 1]]], num_experts=4))
+
+
+# -- expert pairs ------------------------------------------------------------------------
+
+
+def test_coactivation(skewed):
+    # Layer 0 top-2 sets: {0,1} {0,2} {0,1} {0,3} {0,3} {1,2}
+    # pairs: 0-1 twice, 0-2 once, 0-3 twice, 1-2 once; diagonal = counts 5, 3, 2, 2
+    expected = [
+        [5, 2, 1, 2],
+        [2, 3, 1, 0],
+        [1, 1, 2, 0],
+        [2, 0, 0, 2],
+    ]
+    np.testing.assert_array_equal(metrics.coactivation(skewed, 0), expected)
+
+
+def test_layer_transitions(skewed):
+    # first choices, layer 0 -> layer 1: 0->1, 0->2, 0->3, 3->0, 0->1, 2->2
+    expected = [
+        [0, 2, 1, 1],
+        [0, 0, 0, 0],
+        [0, 0, 1, 0],
+        [1, 0, 0, 0],
+    ]
+    np.testing.assert_array_equal(metrics.layer_transitions(skewed, 0, 1), expected)
+    np.testing.assert_array_equal(metrics.layer_transitions(skewed, 1, 0), np.transpose(expected))
+    # a layer to itself: first-choice counts 4, 0, 1, 1 on the diagonal
+    np.testing.assert_array_equal(metrics.layer_transitions(skewed, 0, 0), np.diag([4, 0, 1, 1]))
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda t: metrics.coactivation(t, 2), "layer_index 2"),
+        (lambda t: metrics.coactivation(t, -1), "layer_index -1"),
+        (lambda t: metrics.layer_transitions(t, 5, 0), "from_index 5"),
+        (lambda t: metrics.layer_transitions(t, 0, 2), "to_index 2"),
+    ],
+)
+def test_layer_index_out_of_range(skewed, call, name):
+    with pytest.raises(ValueError, match=rf"{name} is out of range: .* 2 MoE layers, so use 0\.\.1"):
+        call(skewed)
+
+
+# -- Jensen-Shannon divergence -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "p, q, expected",
+    [
+        ([0.2, 0.3, 0.5], [0.2, 0.3, 0.5], 0.0),  # identical
+        ([1, 2, 3], [2, 4, 6], 0.0),  # identical once normalised
+        ([1, 0], [0, 1], 1.0),  # disjoint: p/m = 2 where p > 0, so each KL = 1 bit
+        ([2, 0, 0], [0, 3, 5], 1.0),  # disjoint, unnormalised
+        # p = [1/2, 1/2], q = [1, 0], m = [3/4, 1/4]:
+        # KL(p‖m) = 1/2·log2(2/3) + 1/2·log2(2) ; KL(q‖m) = log2(4/3)
+        # JS = (3 - 3/2·log2 3) / 2 = 3/2 - 3/4·log2 3 = 0.3112781
+        ([1, 1], [1, 0], 0.3112781),
+    ],
+)
+def test_js_divergence(p, q, expected):
+    assert metrics.js_divergence(p, q) == pytest.approx(expected, abs=1e-7)
+    assert metrics.js_divergence(q, p) == pytest.approx(expected, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    "p, q, message",
+    [
+        ([1, 0], [1, 0, 0], r"same shape, got \(2,\) and \(3,\)"),
+        ([1, -1], [1, 0], "p has negative or non-finite entries"),
+        ([1, 0], [np.nan, 1], "q has negative or non-finite entries"),
+        ([0, 0], [1, 0], "p is all zeros"),
+        ([1, 0], [0, 0], "q is all zeros"),
+    ],
+)
+def test_js_divergence_rejects_bad_input(p, q, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.js_divergence(p, q)
+
+
+def test_load_js_matrix():
+    # a and its double are identical (0); both are disjoint from b (1);
+    # c = [1, 1] vs a = [1, 0] is the 0.3112781 computed above; c vs b the same by symmetry
+    a, double_a, b, c = [1, 0], [2, 0], [0, 1], [1, 1]
+    s = 0.3112781
+    expected = [
+        [0, 0, 1, s],
+        [0, 0, 1, s],
+        [1, 1, 0, s],
+        [s, s, s, 0],
+    ]
+    np.testing.assert_allclose(metrics.load_js_matrix([a, double_a, b, c]), expected, atol=1e-7)
+
+
+def test_load_js_matrix_of_layer_loads(skewed):
+    # identical rows give 0; the two layers' loads differ, so the off-diagonal is positive
+    load = metrics.expert_load(skewed)
+    matrix = metrics.load_js_matrix([load[0], load[1], load[0]])
+    assert matrix[0, 2] == matrix[2, 0] == 0
+    assert matrix[0, 1] == matrix[1, 0] > 0
+
+
+# -- invariants on a random trace --------------------------------------------------------
+
+
+def switch_capacity_loop(topk_ids, num_experts, capacity):
+    """The Switch capacity rule run as the plain loop it describes: tokens in order, each
+    token's slots in order. Returns (drops int[layers, experts], dropped bool[layers, tokens])."""
+    layers, tokens, _ = topk_ids.shape
+    drops = np.zeros((layers, num_experts), dtype=int)
+    dropped = np.zeros((layers, tokens), dtype=bool)
+    for layer in range(layers):
+        kept = np.zeros(num_experts, dtype=int)
+        for t in range(tokens):
+            for expert in topk_ids[layer, t]:
+                if kept[expert] < capacity:
+                    kept[expert] += 1
+                else:
+                    drops[layer, expert] += 1
+                    dropped[layer, t] = True
+    return drops, dropped
+
+
+@pytest.fixture
+def random_trace():
+    rng = np.random.default_rng(0)
+    layers, tokens, experts, k = 3, 200, 8, 3
+    # skewed logits so that some experts overflow
+    logits = rng.normal(size=(layers, tokens, experts)) + np.linspace(0, 2, experts)
+    topk = np.argsort(-logits, axis=-1)[..., :k]
+    return make_trace(topk, router_logits=logits, layer_ids=[1, 3, 5])
+
+
+def test_invariants_on_a_random_trace(random_trace):
+    trace = random_trace
+    layers, tokens, experts, k = 3, trace.num_tokens, trace.num_experts, trace.top_k
+    for choices in range(1, k + 1):
+        np.testing.assert_allclose(metrics.expert_load(trace, choices).sum(axis=1), choices)
+    load = metrics.expert_load(trace)
+    for index in range(layers):
+        pairs = metrics.coactivation(trace, index)
+        np.testing.assert_array_equal(pairs, pairs.T)
+        np.testing.assert_allclose(np.diag(pairs), load[index] * tokens)
+        # each token adds k to the rows of its k experts (its own diagonal included)
+        np.testing.assert_array_equal(pairs.sum(axis=1), k * np.diag(pairs))
+        for other in range(layers):
+            assert metrics.layer_transitions(trace, index, other).sum() == tokens
+    entropy = metrics.router_entropy(trace)
+    assert entropy.shape == (layers, tokens)
+    assert (entropy >= 0).all() and (entropy <= math.log2(experts) + 1e-6).all()
+    assert ((metrics.balance_loss(trace) > 0) & (metrics.balance_loss(trace) <= experts)).all()
+    rates = metrics.repeat_rates(trace)
+    assert (rates.same_first <= rates.first_in_topk).all()
+    assert (rates.first_in_topk <= rates.any_shared).all()
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25, 2.0])
+def test_capacity_matches_the_switch_loop(random_trace, capacity_factor):
+    trace = random_trace
+    capacity = metrics.expert_capacity(trace.num_tokens, trace.num_experts, trace.top_k, capacity_factor)
+    drops, dropped = switch_capacity_loop(trace.topk_ids, trace.num_experts, capacity)
+    np.testing.assert_array_equal(metrics.capacity_drops(trace, capacity_factor), drops)
+    np.testing.assert_allclose(metrics.dropped_token_share(trace, capacity_factor), dropped.mean(axis=1))
