@@ -1,0 +1,23 @@
+"""moeviz: see how a Mixture-of-Experts model routes every token. Navigation only.
+
+Pages live in app_pages/, not pages/: a pages/ folder switches Streamlit (and AppTest reruns)
+to the legacy automatic multipage mode, which bypasses this file's st.navigation.
+"""
+
+import streamlit as st
+
+from moeviz.ui import model_sidebar
+
+st.set_page_config(page_title="moeviz", page_icon="🔀", layout="wide")
+
+pages = st.navigation({
+    "Analyse": [
+        st.Page("app_pages/analyse.py", title="Analyse text", default=True),
+    ],
+    "Compare": [
+        st.Page("app_pages/compare_layers.py", title="Compare layers"),
+        st.Page("app_pages/compare_prompts.py", title="Compare prompts"),
+    ],
+})
+st.session_state["model_choice"] = model_sidebar()
+pages.run()

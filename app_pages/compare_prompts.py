@@ -1,0 +1,42 @@
+"""Compare prompts: do different texts use different experts?"""
+
+import streamlit as st
+
+from moeviz import charts, metrics
+from moeviz.ui import analyse, layer_picker, show_figure, text_input
+
+DEFAULT_PRESETS = ["english", "python", "math", "russian"]
+
+st.title("Compare prompts")
+choice = st.session_state.get("model_choice")
+count = int(st.number_input("Number of texts", min_value=2, max_value=8, value=3, key="prompt_count"))
+traces = {}
+columns = st.columns(min(count, 4))
+for number in range(count):
+    with columns[number % len(columns)]:
+        preset = DEFAULT_PRESETS[number] if number < len(DEFAULT_PRESETS) else None
+        text = text_input(f"prompt_{number}", label=f"Text {number + 1}", default_preset=preset)
+        trace = analyse(choice, text) if choice else None
+        if trace is not None:
+            traces[f"text {number + 1}"] = trace
+
+if len(traces) >= 2:
+    first = next(iter(traces.values()))
+    layer = layer_picker(first, "prompts_layer")
+    index = first.layer_index(layer)
+    uniform = metrics.uniform_load(first)
+    loads = {name: metrics.expert_load(trace)[index] for name, trace in traces.items()}
+
+    st.subheader(f"Expert load per text · layer {layer}")
+    show_figure(charts.load_comparison_chart(loads, uniform), "prompt_loads")
+
+    st.subheader("Jensen–Shannon divergence between the texts' loads (bits)")
+    show_figure(charts.js_matrix_heatmap(list(loads), metrics.load_js_matrix(list(loads.values()))), "prompt_js")
+
+    st.subheader("Adjacent tokens with the same first-choice expert")
+    rates = {name: metrics.repeat_rates(trace).same_first for name, trace in traces.items() if trace.num_tokens >= 2}
+    chance = {name: metrics.repeat_chance(first).same_first for name in rates}
+    show_figure(charts.repeat_rate_chart(first.layer_ids, rates, chance), "prompt_repeat_rates")
+    st.caption(f"Dashed: chance level 1/E = {1 / first.num_experts:.3f}.")
+elif choice:
+    st.info("Give at least two texts to compare them.")

@@ -1,0 +1,588 @@
+"""Charts: pure functions from a `RoutingTrace` (or metric arrays) to a Plotly figure.
+
+Nothing here loads a model. Every chart stays legible from 4 to 256 experts: experts sit on a
+numeric axis with sparse ticks and hover text instead of one legend entry each, and an
+expert has the same colour in every chart (`expert_colors`). Token text reaches Plotly only
+through `token_label` and HTML only through `token_view_html`, both escaped, because Plotly
+reads `<br>`, `<b>`, ... in labels and a prompt may contain `<script>`.
+
+The token view follows Fig. 8 of the Mixtral paper (Jiang et al., 2024, arXiv:2401.04088);
+`load_comparison_chart` follows its Fig. 7.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import html
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.colors
+import plotly.graph_objects as go
+
+from moeviz.trace import RoutingTrace
+
+MAX_TOKEN_TICKS = 80  # beyond this many tokens, tick labels overlap: positions + hover instead
+_TICK_CHARS = 12  # longer token labels are cut in ticks (hover keeps them whole)
+_ALL_TICKS_UP_TO = 32  # label every expert (or layer) on an axis up to this many
+_SERIES_COLORS = plotly.colors.qualitative.D3  # prompts, domains, layers: not experts
+_UNIFORM_LINE = dict(color="#555555", dash="dash", width=1.5)
+
+
+# -- colours and labels ------------------------------------------------------------------
+
+
+def expert_colors(num_experts: int) -> list[str]:
+    """One "#rrggbb" colour per expert, the same in every chart of a model.
+
+    Up to 10 experts: Plotly's qualitative palette; up to 24: Dark24. Beyond that, evenly
+    spaced hues visited with a stride near the golden ratio, so experts i and i+1 lie far
+    apart on the colour wheel, and lightness cycles through three levels.
+    """
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be at least 1, got {num_experts}")
+    if num_experts <= 10:
+        return [c.lower() for c in plotly.colors.qualitative.Plotly[:num_experts]]
+    if num_experts <= 24:
+        return [c.lower() for c in plotly.colors.qualitative.Dark24[:num_experts]]
+    stride = _coprime_near(num_experts, round(num_experts * 0.381966))
+    colors = []
+    for expert in range(num_experts):
+        hue = (expert * stride % num_experts) / num_experts
+        lightness = (0.42, 0.58, 0.32)[expert % 3]
+        r, g, b = colorsys.hls_to_rgb(hue, lightness, 0.75)
+        colors.append(f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}")
+    return colors
+
+
+def _coprime_near(n: int, guess: int) -> int:
+    """The integer nearest `guess` that shares no factor with `n`: stepping by it visits
+    every residue mod n exactly once, so every expert gets its own hue."""
+    for offset in range(n):
+        for candidate in (guess - offset, guess + offset):
+            if 0 < candidate < n and math.gcd(candidate, n) == 1:
+                return candidate
+    return 1
+
+
+def _visible_chars(token: str) -> list[str]:
+    """Each character of `token` as something a person can see: newline ↵, tab →, spaces
+    of a whitespace-only token ␣, other invisible characters as Python escapes (\\x00,
+    \\r, \\u200b, lone surrogates from partial UTF-8 as \\udc80). One entry per character."""
+    whitespace_only = token.isspace()
+    out = []
+    for ch in token:
+        if ch == "\n":
+            out.append("↵")
+        elif ch == "\t":
+            out.append("→")
+        elif ch == " ":
+            out.append("␣" if whitespace_only else " ")
+        elif not ch.isprintable():
+            out.append(repr(ch)[1:-1])
+        else:
+            out.append(ch)
+    return out
+
+
+_EMPTY_TOKEN = "∅"  # an empty token would be an invisible, unhoverable label
+
+
+def _plotly_escape(text: str) -> str:
+    """`<`, `>` and `&` as entities, which Plotly shows as the characters; `$` too, since
+    Plotly typesets `$...$` as LaTeX wherever MathJax is loaded (e.g. in Jupyter)."""
+    return html.escape(text, quote=False).replace("$", "&#36;")
+
+
+def token_label(token: str) -> str:
+    """`token` made visible and safe for any Plotly label or hover text."""
+    return _plotly_escape("".join(_visible_chars(token)) or _EMPTY_TOKEN)
+
+
+def _tick_label(token: str) -> str:
+    visible = "".join(_visible_chars(token)) or _EMPTY_TOKEN
+    if len(visible) > _TICK_CHARS:
+        visible = visible[: _TICK_CHARS - 1] + "…"
+    return _plotly_escape(visible)
+
+
+def _text_color(background: str) -> str:
+    """Black or white, whichever reads better on `background` (WCAG relative luminance)."""
+    channels = [int(background[i : i + 2], 16) / 255 for i in (1, 3, 5)]
+    r, g, b = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return "#000000" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.179 else "#ffffff"
+
+
+def _rgba(color: str, alpha: float) -> str:
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _series_color(index: int) -> str:
+    return _SERIES_COLORS[index % len(_SERIES_COLORS)]
+
+
+def _expert_axis(num_experts: int) -> dict:
+    """A numeric expert axis: every tick for few experts, Plotly's sparse ticks for many."""
+    axis = dict(title=dict(text="expert"), zeroline=False)
+    if num_experts <= _ALL_TICKS_UP_TO:
+        axis.update(tickmode="linear", tick0=0, dtick=1)
+    return axis
+
+
+def _score_name(trace: RoutingTrace) -> str:
+    return "router probability" if trace.scoring == "softmax" else "router score (sigmoid)"
+
+
+# -- one layer of one trace ----------------------------------------------------------------
+
+
+def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
+    """Router scores of one layer: z float[experts, tokens], with every top-k pick marked.
+
+    Trace 0 is the heatmap (y = expert, x = token position, customdata = token label);
+    trace 1 marks each (token, expert) the model actually used, hover giving its weight.
+    """
+    layer = trace.layer_index(layer_id)
+    num_experts, num_tokens, k = trace.num_experts, trace.num_tokens, trace.top_k
+    positions = np.arange(num_tokens)
+    labels = np.array([token_label(t) for t in trace.tokens], dtype=object)
+    score = _score_name(trace)
+    tick_labels = num_tokens <= MAX_TOKEN_TICKS
+    # Under token tick labels Plotly's %{x} shows the cut tick text, so only name positions without.
+    position = "" if tick_labels else "token %{x}: "
+
+    heatmap = go.Heatmap(
+        z=trace.router_probs[layer].T,  # [experts, tokens]
+        x=positions,
+        y=np.arange(num_experts),
+        customdata=np.tile(labels, (num_experts, 1)),
+        colorscale="Blues",
+        colorbar=dict(title=dict(text=score, side="right")),
+        name=score,
+        meta=dict(customdata=["token"]),
+        hovertemplate=position + "%{customdata}<br>expert %{y}<br>" + score + " %{z:.3f}<extra></extra>",
+    )
+
+    ids = trace.topk_ids[layer].reshape(-1)  # token-major: token 0's k picks, then token 1's
+    picks_data = np.empty((num_tokens * k, 3), dtype=object)
+    picks_data[:, 0] = np.repeat(labels, k)
+    picks_data[:, 1] = np.tile(np.arange(1, k + 1), num_tokens)
+    picks_data[:, 2] = trace.topk_weights[layer].reshape(-1).astype(float)
+    colors = expert_colors(num_experts)
+    picks = go.Scatter(
+        x=np.repeat(positions, k),
+        y=ids,
+        mode="markers",
+        name="top-k picks",
+        marker=dict(
+            color=[colors[e] for e in ids],
+            size=7 if num_experts <= 64 else 5,
+            line=dict(color="white", width=1),
+        ),
+        customdata=picks_data,
+        meta=dict(customdata=["token", "choice", "weight"]),
+        hovertemplate=position + "%{customdata[0]}<br>expert %{y} (choice %{customdata[1]})"
+        "<br>weight %{customdata[2]:.3f}<extra></extra>",
+    )
+
+    xaxis = dict(title=dict(text="token"), zeroline=False, range=[-0.5, num_tokens - 0.5])
+    if tick_labels:
+        ticktext = [_tick_label(t) for t in trace.tokens]
+        xaxis.update(tickmode="array", tickvals=positions, ticktext=ticktext, tickangle=-60)
+    fig = go.Figure([heatmap, picks])
+    fig.update_layout(
+        title=dict(text=f"Router scores, layer {layer_id}"),
+        xaxis=xaxis,
+        yaxis=dict(_expert_axis(num_experts), range=[num_experts - 0.5, -0.5]),  # expert 0 on top
+        height=min(900, 360 + 8 * num_experts),
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+    )
+    return fig
+
+
+def token_view_html(trace: RoutingTrace, layer_id: int) -> str:
+    """The text coloured by each token's first-choice expert (Mixtral paper, Fig. 8).
+
+    One `<span class="moeviz-token">` per token; its `title` lists the top-k experts with
+    weights. All text is escaped, so the result is safe for `st.html`.
+    """
+    layer = trace.layer_index(layer_id)
+    colors = expert_colors(trace.num_experts)
+    ids, weights = trace.topk_ids[layer], trace.topk_weights[layer]
+
+    spans = []
+    for token, token_ids, token_weights in zip(trace.tokens, ids, weights):
+        background = colors[token_ids[0]]
+        title = " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(token_ids, token_weights))
+        text = "".join(
+            html.escape(visible, quote=True) + ("<br>" if ch == "\n" else "")
+            for ch, visible in zip(token, _visible_chars(token))
+        ) or _EMPTY_TOKEN
+        text = text.replace("$", "&#36;")  # st.markdown would typeset $...$ as LaTeX
+        spans.append(
+            f'<span class="moeviz-token" title="{html.escape(title, quote=True)}" '
+            f'style="background-color:{background};color:{_text_color(background)};'
+            f'padding:1px 1px;border-radius:3px">{text}</span>'
+        )
+
+    first, counts = np.unique(trace.first_choice[layer], return_counts=True)
+    swatches = [
+        f'<span class="moeviz-swatch" title="{count} token{"" if count == 1 else "s"}" '
+        f'style="background-color:{colors[e]};color:{_text_color(colors[e])};'
+        f'padding:0 4px;margin:0 4px 2px 0;border-radius:3px;display:inline-block">expert {e}</span>'
+        for e, count in zip(first, counts)
+    ]
+    return (
+        '<div class="moeviz-token-view" style="font-family:monospace;line-height:1.9;'
+        f'white-space:pre-wrap;word-break:break-word">{"".join(spans)}</div>'
+        '<div class="moeviz-legend" style="font-size:0.8em;margin-top:0.5em">'
+        f'first choice, layer {layer_id}: {"".join(swatches)}</div>'
+    )
+
+
+# -- expert load ---------------------------------------------------------------------------
+
+
+def _uniform_line(uniform: float, num_experts: int) -> go.Scatter:
+    """The load every expert would carry under perfect balance, across the whole bar axis."""
+    return go.Scatter(
+        x=[-0.5, num_experts - 0.5],
+        y=[uniform, uniform],
+        mode="lines",
+        name=f"uniform ({uniform:.3g})",
+        line=_UNIFORM_LINE,
+        hovertemplate=f"uniform {uniform:.3f}<extra></extra>",
+    )
+
+
+def _as_load(load, name: str = "load") -> np.ndarray:
+    load = np.asarray(load, dtype=float)
+    if load.ndim != 1 or load.size == 0:
+        raise ValueError(f"{name} must be float[experts] with at least one expert, got shape {load.shape}")
+    return load
+
+
+def _load_layout(fig: go.Figure, num_experts: int, title: str) -> go.Figure:
+    fig.update_layout(
+        title=dict(text=title),
+        xaxis=dict(_expert_axis(num_experts), range=[-0.5, num_experts - 0.5]),
+        yaxis=dict(title=dict(text="expert load"), rangemode="tozero"),
+        bargap=0.15 if num_experts <= 64 else 0.05,
+        legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+    )
+    return fig
+
+
+def expert_load_chart(load, uniform: float, title: str = "Expert load") -> go.Figure:
+    """One bar per expert (load: float[experts]) and a dashed line at the uniform load."""
+    load = _as_load(load)
+    num_experts = load.size
+    bars = go.Bar(
+        x=np.arange(num_experts),
+        y=load,
+        name="load",
+        marker=dict(color=expert_colors(num_experts)),
+        showlegend=False,
+        hovertemplate="expert %{x}<br>load %{y:.3f}<extra></extra>",
+    )
+    return _load_layout(go.Figure([bars, _uniform_line(uniform, num_experts)]), num_experts, title)
+
+
+def load_comparison_chart(loads: dict[str, np.ndarray], uniform: float) -> go.Figure:
+    """Grouped bars of expert load, one trace per label (prompt, domain or layer), as in
+    the Mixtral paper's Fig. 7. loads: {label: float[experts]}."""
+    if not loads:
+        raise ValueError("loads is empty: pass at least one {label: float[experts]} entry")
+    arrays = {label: _as_load(load, f"load of {label!r}") for label, load in loads.items()}
+    sizes = {label: a.size for label, a in arrays.items()}
+    num_experts = next(iter(sizes.values()))
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"every load needs the same number of experts, got {sizes}")
+    bars = [
+        go.Bar(
+            x=np.arange(num_experts),
+            y=load,
+            name=token_label(label),
+            marker=dict(color=_series_color(i)),
+            hovertemplate="%{fullData.name}<br>expert %{x}<br>load %{y:.3f}<extra></extra>",
+        )
+        for i, (label, load) in enumerate(arrays.items())
+    ]
+    fig = go.Figure([*bars, _uniform_line(uniform, num_experts)])
+    fig.update_layout(barmode="group")
+    return _load_layout(fig, num_experts, "Expert load compared")
+
+
+def layer_load_heatmap(trace: RoutingTrace, load, uniform: float) -> go.Figure:
+    """Expert load of every decoder layer, load: float[moe layers, experts].
+
+    Rows are all decoder layers 0..num_layers-1 so layer numbers stay true; dense layers
+    (no router) are empty rows labelled "layer N (dense)". The diverging scale runs from
+    blue at 0 (an unused expert) through white at `uniform` to red at the highest load.
+    """
+    if not uniform > 0:
+        raise ValueError(f"uniform must be a positive load, got {uniform}")
+    load = np.asarray(load, dtype=float)
+    expected = (len(trace.layer_ids), trace.num_experts)
+    if load.shape != expected:
+        raise ValueError(
+            f"load has shape {load.shape}, expected [moe layers, experts] = {expected} "
+            f"for MoE layers {trace.layer_ids}"
+        )
+    outside = [n for n in trace.layer_ids if not 0 <= n < trace.num_layers]
+    if outside:
+        raise ValueError(f"layer ids {outside} lie outside the model's {trace.num_layers} decoder layers")
+    z = np.full((trace.num_layers, trace.num_experts), np.nan)
+    z[trace.layer_ids] = load
+    moe = set(trace.layer_ids)
+    labels = [f"layer {n}" if n in moe else f"layer {n} (dense)" for n in range(trace.num_layers)]
+    # Not `zmid`: that makes the scale symmetric around uniform and shows negative loads.
+    top = max(float(np.nanmax(load)) if load.size else 0.0, 2 * uniform)
+    mid = uniform / top
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=np.arange(trace.num_experts),
+            y=labels,
+            colorscale=[
+                [0.0, "#2166ac"], [mid / 2, "#92c5de"], [mid, "#f7f7f7"],
+                [(1 + mid) / 2, "#f4a582"], [1.0, "#b2182b"],
+            ],
+            zmin=0,
+            zmax=top,
+            hoverongaps=False,
+            name="expert load",
+            colorbar=dict(title=dict(text=f"load (uniform {uniform:.3g})", side="right")),
+            hovertemplate="%{y}<br>expert %{x}<br>load %{z:.3f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=dict(text="Expert load by layer"),
+        xaxis=_expert_axis(trace.num_experts),
+        yaxis=dict(title=dict(text="decoder layer"), autorange="reversed", type="category"),
+        height=min(1200, 260 + 20 * trace.num_layers),
+    )
+    return fig
+
+
+# -- across layers ---------------------------------------------------------------------
+
+
+def repeat_rate_chart(
+    layer_ids: list[int], rates: dict[str, np.ndarray], chance: dict[str, np.ndarray]
+) -> go.Figure:
+    """Share of adjacent tokens routed to the same expert, per layer (Mixtral paper,
+    Table 5), each series with its chance level as a dashed line of the same colour.
+
+    rates, chance: {series name: float[layers]} with the same keys.
+    """
+    if not rates:
+        raise ValueError("rates is empty: pass at least one {name: float[layers]} series")
+    if set(rates) != set(chance):
+        raise ValueError(f"rates and chance need the same series, got {list(rates)} and {list(chance)}")
+    x = list(layer_ids)
+    traces = []
+    for i, name in enumerate(rates):
+        color = _series_color(i)
+        for kind, values, line, mode in (
+            ("", rates[name], dict(color=color, width=2), "lines+markers"),
+            (" (chance)", chance[name], dict(color=color, width=1.5, dash="dash"), "lines"),
+        ):
+            values = np.asarray(values, dtype=float)
+            if values.shape != (len(x),):
+                raise ValueError(f"{name}{kind} has {values.size} values for {len(x)} layers {x}")
+            traces.append(
+                go.Scatter(
+                    x=x,
+                    y=values,
+                    mode=mode,
+                    name=token_label(name + kind),
+                    line=line,
+                    hovertemplate="%{fullData.name}<br>layer %{x}: %{y:.1%}<extra></extra>",
+                )
+            )
+    xaxis = dict(title=dict(text="decoder layer"))
+    if len(x) <= _ALL_TICKS_UP_TO:
+        xaxis.update(tickmode="array", tickvals=x)  # true layer numbers, gaps where layers are dense
+    fig = go.Figure(traces)
+    fig.update_layout(
+        title=dict(text="Same expert for adjacent tokens"),
+        xaxis=xaxis,
+        yaxis=dict(title=dict(text="repeat rate"), tickformat=".0%", rangemode="tozero"),
+    )
+    return fig
+
+
+def coactivation_heatmap(matrix) -> go.Figure:
+    """How often two experts are picked for the same token: matrix int[experts, experts]."""
+    matrix = np.asarray(matrix)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"matrix must be square [experts, experts], got shape {matrix.shape}")
+    num_experts = matrix.shape[0]
+    off_diagonal = matrix[~np.eye(num_experts, dtype=bool)]
+    # The diagonal (an expert with itself) would otherwise set the scale and wash out every pair.
+    top = off_diagonal.max() if off_diagonal.size and off_diagonal.max() > 0 else max(matrix.max(), 1)
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=np.arange(num_experts),
+            y=np.arange(num_experts),
+            colorscale="Blues",
+            zmin=0,
+            zmax=float(top),
+            name="co-activation",
+            colorbar=dict(title=dict(text="tokens", side="right")),
+            hovertemplate="expert %{y} with expert %{x}<br>%{z} tokens<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=dict(text="Experts chosen together"),
+        xaxis=_expert_axis(num_experts),
+        yaxis=dict(_expert_axis(num_experts), autorange="reversed", scaleanchor="x"),
+    )
+    return fig
+
+
+def transition_sankey(trace: RoutingTrace, layer_ids: list[int]) -> go.Figure:
+    """Where tokens' first choices go from one layer to the next, as a Sankey diagram.
+
+    Nodes "L{layer} e{expert}" exist only for experts used as first choice at that layer;
+    a link from "L{a} e{i}" to "L{b} e{j}" counts tokens whose first choice is i at layer a
+    and j at layer b, for consecutive entries a, b of `layer_ids`.
+    """
+    layer_ids = list(layer_ids)
+    if len(layer_ids) < 2:
+        raise ValueError(f"a transition needs at least two layers, got {layer_ids}")
+    if len(set(layer_ids)) != len(layer_ids):
+        raise ValueError(f"each layer may appear once, got {layer_ids}")
+    num_experts = trace.num_experts
+    first = trace.first_choice[[trace.layer_index(n) for n in layer_ids]].astype(np.int64)
+
+    node_index: dict[tuple[int, int], int] = {}
+    for column, layer_id in enumerate(layer_ids):
+        for expert in np.unique(first[column]):
+            node_index[(layer_id, int(expert))] = len(node_index)
+
+    sources, targets, values = [], [], []
+    for column in range(len(layer_ids) - 1):
+        pairs = first[column] * num_experts + first[column + 1]
+        codes, counts = np.unique(pairs, return_counts=True)
+        for code, count in zip(codes, counts):
+            a, b = divmod(int(code), num_experts)
+            sources.append(node_index[(layer_ids[column], a)])
+            targets.append(node_index[(layer_ids[column + 1], b)])
+            values.append(int(count))
+
+    colors = expert_colors(num_experts)
+    nodes = list(node_index)
+    node_experts = [expert for _, expert in nodes]
+    fig = go.Figure(
+        go.Sankey(
+            node=dict(
+                label=[f"L{layer} e{expert}" for layer, expert in nodes],
+                color=[colors[e] for e in node_experts],
+                pad=4 if num_experts > 32 else 10,
+                hovertemplate="%{label}<br>%{value} tokens<extra></extra>",
+            ),
+            link=dict(
+                source=sources,
+                target=targets,
+                value=values,
+                color=[_rgba(colors[node_experts[s]], 0.35) for s in sources],
+                hovertemplate="%{source.label} → %{target.label}<br>%{value} tokens<extra></extra>",
+            ),
+        )
+    )
+    fig.update_layout(title=dict(text="First-choice expert from layer to layer"))
+    return fig
+
+
+# -- across prompts ----------------------------------------------------------------------
+
+
+def js_matrix_heatmap(labels: list[str], matrix) -> go.Figure:
+    """Jensen-Shannon divergence between the expert-load distributions of prompts:
+    matrix float[n, n], labels one per prompt; each cell shows its value."""
+    matrix = np.asarray(matrix, dtype=float)
+    n = len(labels)
+    if matrix.shape != (n, n):
+        raise ValueError(f"matrix has shape {matrix.shape} but there are {n} labels; expected ({n}, {n})")
+    shown = [token_label(label) for label in labels]
+    if len(set(shown)) != n:
+        raise ValueError(f"labels must be distinct, got {list(labels)}")
+    fig = go.Figure(
+        go.Heatmap(
+            z=matrix,
+            x=shown,
+            y=shown,
+            colorscale="Purples",
+            zmin=0,
+            texttemplate="%{z:.3f}",
+            name="JS divergence",
+            colorbar=dict(title=dict(text="JS divergence", side="right")),
+            hovertemplate="%{y}<br>%{x}<br>JS divergence %{z:.4f}<extra></extra>",
+        )
+    )
+    fig.update_layout(
+        title=dict(text="How differently prompts use the experts"),
+        xaxis=dict(type="category"),
+        yaxis=dict(type="category", autorange="reversed"),
+    )
+    return fig
+
+
+# -- data behind a figure -------------------------------------------------------------------
+
+
+def figure_table(fig: go.Figure) -> pd.DataFrame:
+    """The data behind a figure from this module, one row per point, for a CSV download.
+
+    Columns: trace, x, y, plus z for heatmaps and any named customdata (token, choice,
+    weight) with token labels unescaped to their visible form; for a Sankey: source,
+    target, value with node labels.
+    """
+    frames = []
+    for trace in fig.data:
+        if trace.type == "sankey":
+            labels = list(trace.node.label)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "source": [labels[s] for s in trace.link.source],
+                        "target": [labels[t] for t in trace.link.target],
+                        "value": list(trace.link.value),
+                    }
+                )
+            )
+            continue
+        if trace.type == "heatmap":
+            z = np.asarray(trace.z)
+            z = z.astype(float) if z.dtype == object else z  # None marks a gap
+            rows, cols = z.shape
+            x = np.arange(cols) if trace.x is None else np.asarray(trace.x, dtype=object)
+            y = np.arange(rows) if trace.y is None else np.asarray(trace.y, dtype=object)
+            frame = pd.DataFrame({"x": np.tile(x, rows), "y": np.repeat(y, cols), "z": z.reshape(-1)})
+            point_shape = (rows * cols,)
+        elif trace.type in ("scatter", "bar"):
+            frame = pd.DataFrame({"x": list(trace.x), "y": list(trace.y)})
+            point_shape = (len(frame),)
+        else:
+            raise ValueError(f"figure_table does not know {trace.type!r} traces")
+        names = trace.meta["customdata"] if isinstance(trace.meta, dict) else []
+        if names:
+            data = np.asarray(trace.customdata, dtype=object).reshape(point_shape + (len(names),))
+            for column, name in enumerate(names):
+                frame[name] = data[:, column]
+        frame = frame.map(_plain_text)
+        # Nullable integers stay whole where other traces leave gaps (choice 1, not 1.0).
+        frame = frame.astype({c: "Int64" for c in frame if frame[c].dtype.kind in "iu"})
+        frame.insert(0, "trace", _plain_text(trace.name or trace.type))
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _plain_text(value):
+    """A label as a person reads it (`&lt;s&gt;` -> `<s>`); other values unchanged."""
+    return html.unescape(value) if isinstance(value, str) else value
