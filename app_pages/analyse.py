@@ -3,12 +3,11 @@
 import streamlit as st
 
 from moeviz import charts, metrics
-from moeviz.ui import analyse, layer_picker, repeat_rate_figure, show_figure, text_input, trace_download
+from moeviz.ui import layer_picker, repeat_rate_figure, show_figure, trace_from_source, trace_download
 
 st.title("Analyse text")
 choice = st.session_state.get("model_choice")
-text = text_input("analyse_text", default_preset="english")
-trace = analyse(choice, text) if choice else None
+trace = trace_from_source(choice, "analyse_text", default_preset="english")
 if trace is not None:
     layer = layer_picker(trace, "analyse_layer")
     index = trace.layer_index(layer)

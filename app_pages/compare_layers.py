@@ -3,12 +3,11 @@
 import streamlit as st
 
 from moeviz import charts, metrics
-from moeviz.ui import analyse, show_figure, text_input
+from moeviz.ui import show_figure, trace_from_source
 
 st.title("Compare layers")
 choice = st.session_state.get("model_choice")
-text = text_input("layers_text", default_preset="python")
-trace = analyse(choice, text) if choice else None
+trace = trace_from_source(choice, "layers_text", default_preset="python")
 if trace is not None:
     load = metrics.expert_load(trace)
     uniform = metrics.uniform_load(trace)

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from moeviz import charts, metrics
-from moeviz.ui import analyse, layer_picker, show_figure, text_input
+from moeviz.ui import layer_picker, show_figure, trace_from_source
 
 DEFAULT_PRESETS = ["english", "python", "math", "russian"]
 
@@ -15,12 +15,14 @@ columns = st.columns(min(count, 4))
 for number in range(count):
     with columns[number % len(columns)]:
         preset = DEFAULT_PRESETS[number] if number < len(DEFAULT_PRESETS) else None
-        text = text_input(f"prompt_{number}", label=f"Text {number + 1}", default_preset=preset)
-        trace = analyse(choice, text) if choice else None
+        trace = trace_from_source(choice, f"prompt_{number}", default_preset=preset, label=f"Text {number + 1}")
         if trace is not None:
             traces[f"text {number + 1}"] = trace
 
-if len(traces) >= 2:
+shapes = {(trace.num_experts, tuple(trace.layer_ids)) for trace in traces.values()}
+if len(shapes) > 1:
+    st.error("These traces come from models with different experts or layers; compare traces of one model.")
+elif len(traces) >= 2:
     first = next(iter(traces.values()))
     layer = layer_picker(first, "prompts_layer")
     index = first.layer_index(layer)
@@ -38,5 +40,5 @@ if len(traces) >= 2:
     chance = {name: metrics.repeat_chance(first).same_first for name in rates}
     show_figure(charts.repeat_rate_chart(first.layer_ids, rates, chance), "prompt_repeat_rates")
     st.caption(f"Dashed: chance level 1/E = {1 / first.num_experts:.3f}.")
-elif choice:
-    st.info("Give at least two texts to compare them.")
+else:
+    st.info("Give at least two texts or trace files to compare them.")

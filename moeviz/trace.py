@@ -55,6 +55,7 @@ class RoutingTrace:
     router_logits: np.ndarray
     input_token_count: int = -1  # tokens in the whole input before the token limit cut it
     router_class: str = ""
+    generated_from: int = -1  # index of the first generated token; -1 when nothing was generated
 
     def __post_init__(self):
         if self.input_token_count < 0:
@@ -89,6 +90,10 @@ class RoutingTrace:
     @property
     def truncated(self) -> bool:
         return self.input_token_count > self.num_tokens
+
+    @property
+    def generated(self) -> bool:
+        return 0 <= self.generated_from < self.num_tokens
 
     @property
     def router_probs(self) -> np.ndarray:

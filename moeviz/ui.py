@@ -11,8 +11,9 @@ import streamlit as st
 
 from moeviz import charts, metrics
 from moeviz.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
+from moeviz.generation import Sampling, trace_generation
 from moeviz.models import BUNDLED_MODEL, LoadedModel, ModelLoadError, load_model
-from moeviz.trace import RoutingTrace
+from moeviz.trace import RoutingTrace, TraceFileError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 MAX_TOKENS_LIMIT = 8192
@@ -42,6 +43,14 @@ def cached_model(source: str, device: str, dtype: str) -> LoadedModel:
 def cached_trace(choice: ModelChoice, text: str) -> RoutingTrace:
     loaded = cached_model(choice.source, choice.device, choice.dtype)
     return trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=choice.max_tokens)
+
+
+@st.cache_data(show_spinner="Generating, capturing the routing of every new token…", max_entries=64)
+def cached_generation(choice: ModelChoice, prompt: str, sampling: Sampling) -> RoutingTrace:
+    loaded = cached_model(choice.source, choice.device, choice.dtype)
+    return trace_generation(
+        loaded.model, loaded.tokenizer, prompt, sampling, model_id=loaded.model_id, max_tokens=choice.max_tokens
+    )
 
 
 def model_sidebar() -> ModelChoice | None:
@@ -85,15 +94,75 @@ def presets() -> dict[str, str]:
 
 
 def text_input(key: str, label: str = "Text", default_preset: str | None = None) -> str:
-    """A preset picker and a text area; choosing a preset fills the area, which stays editable."""
+    """A preset picker and a text area; choosing a preset fills the area, which stays editable.
+    The text outlives the widget (Streamlit forgets a widget's state when a rerun skips it,
+    e.g. while another source is selected)."""
     samples = presets()
     names = ["(your own text)"] + list(samples)
     index = names.index(default_preset) if default_preset in names else 0
     preset = st.selectbox(f"{label}: preset", names, index=index, key=f"{key}_preset")
+    kept = f"{key}_kept"
     if st.session_state.get(f"{key}_loaded_preset") != preset:
         st.session_state[f"{key}_loaded_preset"] = preset
-        st.session_state[key] = samples.get(preset, st.session_state.get(key, ""))
-    return st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse")
+        st.session_state[key] = samples.get(preset, st.session_state.get(kept, ""))
+    elif key not in st.session_state:
+        st.session_state[key] = st.session_state.get(kept, "")
+    st.session_state[kept] = st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse")
+    return st.session_state[kept]
+
+
+SOURCES = ("Text", "Generate from a prompt", "Trace file")
+
+
+def trace_from_source(choice: ModelChoice | None, key: str, default_preset: str | None = None,
+                      label: str = "Text") -> RoutingTrace | None:
+    """A trace from pasted text, from a generation, or from an uploaded trace file (which
+    needs no model). Returns None after telling the person what is missing or wrong."""
+    source = st.radio("Source", SOURCES, horizontal=True, key=f"{key}_source", label_visibility="collapsed")
+    if source == "Trace file":
+        return uploaded_trace(key)
+    if choice is None:
+        st.info("No model is loaded (see the sidebar). You can still open a trace file.")
+        return None
+    if source == "Generate from a prompt":
+        return generated_trace(choice, key)
+    return analyse(choice, text_input(key, label=label, default_preset=default_preset))
+
+
+def generated_trace(choice: ModelChoice, key: str) -> RoutingTrace | None:
+    prompt = st.text_area("Prompt", key=f"{key}_prompt", height=100, value="Question: What is 7 + 5?\nAnswer:")
+    steps, temperature, seed = st.columns(3)
+    sampling = Sampling(
+        max_new_tokens=int(steps.number_input("New tokens", 1, 1024, 48, key=f"{key}_new_tokens")),
+        temperature=float(temperature.slider("Temperature (0 = greedy)", 0.0, 2.0, 0.0, 0.1, key=f"{key}_temperature")),
+        seed=int(seed.number_input("Seed", 0, 2**31 - 1, 0, key=f"{key}_seed")),
+    )
+    if not prompt.strip():
+        st.info("Type a prompt to generate from.")
+        return None
+    try:
+        trace = cached_generation(choice, prompt, sampling)
+    except ValueError as error:
+        st.error(str(error))
+        return None
+    show_token_count(trace)
+    st.caption(f"{trace.num_tokens - trace.generated_from} tokens generated (marked in the charts).")
+    return trace
+
+
+def uploaded_trace(key: str) -> RoutingTrace | None:
+    upload = st.file_uploader("Trace file saved by moeviz (.safetensors)", type=["safetensors"], key=f"{key}_file")
+    if upload is None:
+        st.info("Open a trace file downloaded from moeviz or written by `moeviz trace`: no model is needed.")
+        return None
+    try:
+        trace = RoutingTrace.from_bytes(upload.getvalue())
+    except TraceFileError as error:
+        st.error(f"{upload.name}: {error}")
+        return None
+    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {upload.name}.")
+    show_token_count(trace)
+    return trace
 
 
 def analyse(choice: ModelChoice, text: str) -> RoutingTrace | None:

@@ -13,7 +13,7 @@ from moeviz.trace import RoutingTrace, TraceFileError
 
 def assert_traces_equal(a: RoutingTrace, b: RoutingTrace) -> None:
     for name in ("model_id", "model_type", "num_experts", "top_k", "scoring", "num_layers", "layer_ids",
-                 "text", "tokens", "token_ids", "offsets", "input_token_count", "router_class"):
+                 "text", "tokens", "token_ids", "offsets", "input_token_count", "router_class", "generated_from"):
         assert getattr(a, name) == getattr(b, name), name
     for name in ("topk_ids", "topk_weights", "router_logits"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
