@@ -17,7 +17,9 @@ pages = st.navigation({
     "Compare": [
         st.Page("app_pages/compare_layers.py", title="Compare layers"),
         st.Page("app_pages/compare_prompts.py", title="Compare prompts"),
+        st.Page("app_pages/domains.py", title="Domains"),
     ],
+    "Lab": [st.Page("app_pages/routing_lab.py", title="Routing lab")],
 })
 st.session_state["model_choice"] = model_sidebar()
 pages.run()
