@@ -18,8 +18,10 @@ pages = st.navigation({
         st.Page("app_pages/compare_layers.py", title="Compare layers"),
         st.Page("app_pages/compare_prompts.py", title="Compare prompts"),
         st.Page("app_pages/domains.py", title="Domains"),
+        st.Page("app_pages/corpus_run.py", title="Corpus run"),
     ],
     "Lab": [st.Page("app_pages/routing_lab.py", title="Routing lab")],
+    "Model": [st.Page("app_pages/models.py", title="Models")],
 })
 st.session_state["model_choice"] = model_sidebar()
 pages.run()

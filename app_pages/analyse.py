@@ -12,7 +12,7 @@ if trace is not None:
     layer = layer_picker(trace, "analyse_layer")
     index = trace.layer_index(layer)
 
-    st.subheader(f"Tokens coloured by first-choice expert · layer {layer}")
+    st.subheader(f"Tokens coloured by first-choice expert · {trace.layer_label(layer)}")
     st.caption("As in the Mixtral paper's Fig. 8. Hover over a token for its top-k experts and weights.")
     st.html(charts.token_view_html(trace, layer))
 
@@ -26,7 +26,8 @@ if trace is not None:
         picks = 1 if choices == "first choice" else trace.top_k
         load = metrics.expert_load(trace, picks)[index]
         show_figure(charts.expert_load_chart(load, metrics.uniform_load(trace, picks),
-                                             title=f"Share of tokens per expert · layer {layer}"), "expert_load")
+                                             title=f"Share of tokens per expert · {trace.layer_label(layer)}",
+                                             shared_experts=trace.shared_experts), "expert_load")
     with right:
         st.subheader("Expert co-activation")
         show_figure(charts.coactivation_heatmap(metrics.coactivation(trace, index)), "coactivation")

@@ -23,7 +23,7 @@ if trace is not None:
         st.info("Pick two or more layers to compare them side by side.")
     else:
         st.subheader("Expert load side by side")
-        loads = {f"layer {layer}": load[trace.layer_index(layer)] for layer in chosen}
+        loads = {trace.layer_label(layer): load[trace.layer_index(layer)] for layer in chosen}
         show_figure(charts.load_comparison_chart(loads, uniform), "layer_loads")
 
         st.subheader("First-choice transitions between layers")
@@ -35,4 +35,4 @@ if trace is not None:
             for a, b in zip(chosen, chosen[1:])
         ]
         st.caption("Share of tokens keeping the same first-choice expert: " + " · ".join(
-            f"layer {a}→{b}: {share:.1%}" for (a, b), share in zip(zip(chosen, chosen[1:]), same)))
+            f"{trace.layer_label(a)} → {trace.layer_label(b)}: {share:.1%}" for (a, b), share in zip(zip(chosen, chosen[1:]), same)))

@@ -29,7 +29,7 @@ elif len(traces) >= 2:
     uniform = metrics.uniform_load(first)
     loads = {name: metrics.expert_load(trace)[index] for name, trace in traces.items()}
 
-    st.subheader(f"Expert load per text · layer {layer}")
+    st.subheader(f"Expert load per text · {first.layer_label(layer)}")
     show_figure(charts.load_comparison_chart(loads, uniform), "prompt_loads")
 
     st.subheader("Jensen–Shannon divergence between the texts' loads (bits)")

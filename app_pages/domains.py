@@ -25,13 +25,13 @@ else:
     layer = layer_picker(first, "domains_layer")
     index = first.layer_index(layer)
 
-    st.subheader(f"Share of tokens per expert, by domain · layer {layer}")
+    st.subheader(f"Share of tokens per expert, by domain · {first.layer_label(layer)}")
     mode = st.radio("Count", ["first choice", f"first or any of top-{first.top_k}"], horizontal=True, key="domains_choices")
     picks = 1 if mode == "first choice" else first.top_k
     loads = {domain: metrics.expert_load(trace, picks)[index] for domain, trace in traces.items()}
     show_figure(charts.load_comparison_chart(loads, metrics.uniform_load(first, picks)), "domain_loads")
 
-    st.subheader(f"Jensen–Shannon divergence between domains · layer {layer}")
+    st.subheader(f"Jensen–Shannon divergence between domains · {first.layer_label(layer)}")
     show_figure(charts.js_matrix_heatmap(list(loads), metrics.load_js_matrix(list(loads.values()))), "domain_js")
 
     st.subheader("Adjacent tokens sharing experts, by domain and layer (Table 5)")

@@ -41,6 +41,11 @@ def trace_generation(
     Stops at the end-of-sequence token or after `sampling.max_new_tokens`; prompt plus
     generation never exceeds `max_tokens`.
     """
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"Generation traces are for decoder-only models; {model.config.model_type} is an "
+            "encoder-decoder model. Analyse a text instead."
+        )
     prompt_tokens = tokenize(tokenizer, prompt, max_tokens - 1)
     if prompt_tokens.input_token_count > len(prompt_tokens.ids):
         raise ValueError(

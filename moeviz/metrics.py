@@ -32,7 +32,16 @@ def expert_load(trace: RoutingTrace, choices: int | None = None) -> np.ndarray:
     """
     choices = _checked_choices(trace, choices)
     _require_tokens(trace, 1)
-    return _expert_counts(trace.topk_ids[..., :choices], trace.num_experts) / trace.num_tokens
+    return load_from_ids(trace.topk_ids[..., :choices], trace.num_experts)
+
+
+def load_from_ids(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """float[layers, experts]: `expert_load` of topk_ids int[layers, tokens, c] (c >= 1 picks
+    per token, e.g. all tokens of a corpus laid end to end): share of tokens with expert e
+    among their picks."""
+    if topk_ids.shape[1] == 0:
+        raise ValueError("need at least 1 token to compute a load, got none")
+    return _expert_counts(topk_ids, num_experts) / topk_ids.shape[1]
 
 
 def uniform_load(trace: RoutingTrace, choices: int | None = None) -> float:
@@ -133,7 +142,21 @@ def repeat_rates(trace: RoutingTrace) -> RepeatRates:
     "first or second choice" column (chance 46% for top-2 of 8) is `any_shared`.
     """
     _require_tokens(trace, 2)
-    before, after = trace.topk_ids[:, :-1, :], trace.topk_ids[:, 1:, :]
+    return repeat_rates_from_ids(trace.topk_ids)
+
+
+def repeat_rates_from_ids(topk_ids: np.ndarray, counted: np.ndarray | None = None) -> RepeatRates:
+    """`repeat_rates` of topk_ids int[layers, tokens, k], over the adjacent pairs (t, t+1) that
+    `counted` bool[tokens - 1] marks (default: all). When several documents are laid end to
+    end, counting only pairs within a document keeps boundaries from adding repeats."""
+    before, after = topk_ids[:, :-1, :], topk_ids[:, 1:, :]
+    if counted is not None:
+        counted = np.asarray(counted, dtype=bool)
+        if counted.shape != (before.shape[1],):
+            raise ValueError(f"counted has shape {counted.shape}; expected one flag per adjacent pair ({before.shape[1]},)")
+        before, after = before[:, counted], after[:, counted]
+    if before.shape[1] == 0:
+        raise ValueError("need at least one pair of adjacent tokens to compute repeat rates, got none")
     first_before, first_after = before[..., 0], after[..., 0]
     shared = before[..., :, None] == after[..., None, :]
     return RepeatRates(
@@ -149,8 +172,11 @@ def repeat_chance(trace: RoutingTrace) -> RepeatRates:
     same_first = 1/E;  first_in_topk = k/E;  any_shared = 1 - C(E-k, k) / C(E, k)
     (for Mixtral, E = 8, k = 2: 12.5% and 1 - 15/28 = 46%, the paper's chance levels).
     """
-    experts, k = trace.num_experts, trace.top_k
-    layers = len(trace.layer_ids)
+    return repeat_chance_for(trace.num_experts, trace.top_k, len(trace.layer_ids))
+
+
+def repeat_chance_for(experts: int, k: int, layers: int) -> RepeatRates:
+    """`repeat_chance` for `layers` layers of `experts` experts with `k` picks per token."""
     return RepeatRates(
         same_first=np.full(layers, 1 / experts),
         first_in_topk=np.full(layers, k / experts),

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from moeviz.capture import find_routers
+from moeviz.capture import find_routers, routing_facts
+from moeviz.quantize import QUANTIZATIONS, QuantizationError, load_nf4, parameter_count, storage_bytes
+from moeviz.trace import layer_label
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
 
@@ -33,7 +35,12 @@ class LoadedModel:
 
     @property
     def parameter_count(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return parameter_count(self.model)
+
+    @property
+    def footprint_bytes(self) -> int:
+        """Memory the weights take, 4-bit quantization state included."""
+        return storage_bytes(self.model)
 
 
 def default_device() -> str:
@@ -55,30 +62,58 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    quantization: str = "none",
+    double_quant: bool = True,
 ) -> LoadedModel:
-    """Load a causal-LM MoE model and its tokenizer from a local directory or a hub id.
+    """Load a MoE model and its tokenizer from a local directory or a hub id: a causal LM,
+    or an encoder-decoder (Switch Transformers) when its config says `is_encoder_decoder`.
 
     device: "auto" (GPU when there is one), "cpu" or "cuda". On CUDA, accelerate places the
     layers (`device_map="auto"`), spilling to the CPU when the GPU is full.
+    quantization: "none" or "nf4": experts, attention and embeddings in 4-bit, streamed from
+    safetensors layer by layer (moeviz.quantize); `dtype` is then the compute dtype, and on
+    CUDA the whole model goes to one GPU. double_quant: 8-bit absmax too (~4.13 bits a weight).
     """
     source = str(source)
     device = default_device() if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("device 'cuda' was asked for, but torch sees no GPU; use device 'cpu'")
     _check_source(source)
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"Unknown quantization {quantization!r}; choose one of {list(QUANTIZATIONS)}")
     options = dict(dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     if device == "cuda":
         options["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        if quantization == "nf4":  # load_nf4 refuses incomplete checkpoints itself
+            model, loading = load_nf4(source, device=device, dtype=options["dtype"], double_quant=double_quant,
+                                      trust_remote_code=trust_remote_code), {"missing_keys": ()}
+        else:
+            model, loading = auto_class.from_pretrained(source, config=config, output_loading_info=True, **options)
+    except QuantizationError as error:
+        raise ModelLoadError(str(error)) from error
     except OSError as error:
         raise ModelLoadError(f"Could not load a model from {source!r}: {error}") from error
     except (ValueError, RuntimeError, SafetensorError) as error:
         raise ModelLoadError(f"Could not load the model at {source!r} (is the checkpoint complete and not corrupt?): {error}") from error
+    _check_complete(source, loading)
     model.eval()
     find_routers(model)  # fail now, clearly, for a dense model
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=_display_name(source), device=device)
+
+
+def _check_complete(source: str, loading: dict) -> None:
+    """transformers fills weights missing from a checkpoint with random values and only logs
+    it: the routing shown would be a random model's. Refuse instead."""
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise ModelLoadError(
+            f"The checkpoint at {source!r} lacks {len(missing)} of the model's weights (e.g. {missing[0]}), "
+            "which would be random: is model.safetensors complete and from this model?"
+        )
 
 
 def _check_source(source: str) -> None:
@@ -95,3 +130,58 @@ def _display_name(source: str) -> str:
     if path.resolve() == BUNDLED_MODEL:
         return "moeviz bundled Mixtral (assets/model)"
     return path.name if path.is_dir() else source
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a loaded MoE model is and how it routes, read from its modules (no forward pass)."""
+
+    model_id: str
+    family: str  # config.model_type
+    architecture: str  # the transformers model class
+    layers: int  # every layer, dense ones and an encoder's included
+    moe_layers: list[str]  # "layer 3", or "enc 1" / "dec 3" for an encoder-decoder model
+    experts: int  # routed experts per MoE layer
+    top_k: int
+    scoring: str
+    shared_experts: int
+    router_class: str
+    parameter_count: int
+    device: str
+
+    def rows(self) -> dict[str, str]:
+        """The facts as a person reads them, in display order."""
+        dense = self.layers - len(self.moe_layers)
+        return {
+            "Model": self.model_id,
+            "Family": self.family,
+            "Architecture": self.architecture,
+            "Layers": f"{self.layers} ({len(self.moe_layers)} MoE, {dense} dense)",
+            "MoE layers": ", ".join(self.moe_layers),
+            "Routed experts": str(self.experts),
+            "Top-k": str(self.top_k),
+            "Scoring function": self.scoring,
+            "Shared experts": f"{self.shared_experts}, always active" if self.shared_experts else "none",
+            "Router class": self.router_class,
+            "Parameters": f"{self.parameter_count / 1e6:,.1f} M",
+            "Device": self.device,
+        }
+
+
+def describe_model(loaded: LoadedModel) -> ModelSummary:
+    """The summary the Models page shows. Raises NoRoutersError for a dense model."""
+    facts = routing_facts(loaded.model)
+    return ModelSummary(
+        model_id=loaded.model_id,
+        family=loaded.model.config.model_type,
+        architecture=type(loaded.model).__name__,
+        layers=facts.num_layers,
+        moe_layers=[layer_label(n, facts.encoder_layers) for n in facts.layer_ids],
+        experts=facts.num_experts,
+        top_k=facts.top_k,
+        scoring=facts.scoring,
+        shared_experts=facts.shared_experts,
+        router_class=facts.router_class,
+        parameter_count=loaded.parameter_count,
+        device=loaded.device,
+    )

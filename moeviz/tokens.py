@@ -7,10 +7,14 @@ show the raw bytes instead, e.g. `\\xf0\\x9f`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,14 @@ def tokenize(tokenizer, text: str, max_tokens: int) -> Tokenized:
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("The text is empty: paste or type some text to analyse.")
+    surrogate = _SURROGATE.search(text)
+    if surrogate:
+        # Half of a UTF-16 pair, e.g. from a mis-decoded file: not a character, and the
+        # tokenizer (Rust, UTF-8) refuses it with an unreadable TypeError.
+        raise ValueError(
+            f"The text holds U+{ord(surrogate.group()):04X} at character {surrogate.start()}, half of a "
+            "UTF-16 surrogate pair, which is not a character. Remove it or replace it with U+FFFD."
+        )
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=True)

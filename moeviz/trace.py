@@ -26,6 +26,17 @@ class TraceFileError(ValueError):
     """A file that is not a readable moeviz trace."""
 
 
+def layer_label(layer_id: int, encoder_layers: int = 0) -> str:
+    """How people name a layer: "layer 3" in a decoder-only model; "enc 1" or "dec 3", the
+    true number within its stack, in an encoder-decoder model whose first `encoder_layers`
+    layer ids are the encoder's."""
+    if not encoder_layers:
+        return f"layer {layer_id}"
+    if layer_id < encoder_layers:
+        return f"enc {layer_id}"
+    return f"dec {layer_id - encoder_layers}"
+
+
 @dataclass(frozen=True, eq=False)
 class RoutingTrace:
     """Routing of one text through one model.
@@ -37,6 +48,14 @@ class RoutingTrace:
     `layer_ids` are the true decoder-layer numbers of the MoE layers (dense layers are absent
     from the arrays but counted in `num_layers`). `offsets` are character spans of each token
     in `text`; special tokens have empty spans.
+
+    An encoder-decoder model's layers are numbered in the order the forward pass runs them:
+    encoder layers 0 .. encoder_layers - 1, then each decoder layer n as encoder_layers + n,
+    so every layer id stays unique; `layer_label` names each with its stack and true number
+    ("enc 1", "dec 3") and `layer_stacks` gives the stack of each array row.
+
+    `shared_experts` counts the experts every token uses besides its routed top-k (DeepSeek,
+    Qwen2-MoE, Llama 4): they are not routed, so they appear in no array.
     """
 
     model_id: str
@@ -55,7 +74,10 @@ class RoutingTrace:
     router_logits: np.ndarray
     input_token_count: int = -1  # tokens in the whole input before the token limit cut it
     router_class: str = ""
+    quantization: str = "none"  # weights as stored: "none", "nf4", "nf4-linear-only" (moeviz.quantize)
     generated_from: int = -1  # index of the first generated token; -1 when nothing was generated
+    shared_experts: int = 0  # always-active experts per MoE layer, beside the routed ones
+    encoder_layers: int = 0  # layers of an encoder stack numbered first; 0 for a decoder-only model
 
     def __post_init__(self):
         if self.input_token_count < 0:
@@ -82,6 +104,10 @@ class RoutingTrace:
                 raise ValueError(f"{name} has shape {actual}, expected [layers, tokens, ...] = {shape}")
         if self.topk_ids.size and not (0 <= self.topk_ids.min() and self.topk_ids.max() < self.num_experts):
             raise ValueError(f"topk_ids must lie in [0, {self.num_experts}), got {self.topk_ids.min()}..{self.topk_ids.max()}")
+        if self.shared_experts < 0:
+            raise ValueError(f"shared_experts must be 0 or more, got {self.shared_experts}")
+        if not 0 <= self.encoder_layers <= self.num_layers:
+            raise ValueError(f"encoder_layers must lie in [0, num_layers = {self.num_layers}], got {self.encoder_layers}")
 
     @property
     def num_tokens(self) -> int:
@@ -111,8 +137,17 @@ class RoutingTrace:
         """int32[layers, tokens]: the highest-weighted expert of each token."""
         return self.topk_ids[..., 0]
 
+    @property
+    def layer_stacks(self) -> list[str]:
+        """The stack of each MoE layer in the arrays: "encoder" or "decoder"."""
+        return ["encoder" if n < self.encoder_layers else "decoder" for n in self.layer_ids]
+
+    def layer_label(self, layer_id: int) -> str:
+        """How people name layer `layer_id` (MoE or dense), see `layer_label`."""
+        return layer_label(layer_id, self.encoder_layers)
+
     def layer_index(self, layer_id: int) -> int:
-        """Position of decoder layer `layer_id` in the arrays."""
+        """Position of layer `layer_id` in the arrays."""
         try:
             return self.layer_ids.index(layer_id)
         except ValueError:
@@ -145,6 +180,7 @@ class RoutingTrace:
         try:
             tensors = safetensors.numpy.load(data)
             meta = json.loads(header["fields"])
+            _check_file_fields(meta, tensors)
             return cls(**meta, **{name: tensors[name] for name in _ARRAY_FIELDS})
         except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as error:
             raise TraceFileError(f"This moeviz trace file is damaged: {error}") from error
@@ -179,4 +215,49 @@ def _read_safetensors_metadata(data: bytes) -> dict:
         raise TraceFileError("This is not a moeviz trace: its header is not JSON.") from None
     if not isinstance(header, dict):
         raise TraceFileError("This is not a moeviz trace: its header is not a JSON object.")
-    return header.get("__metadata__") or {}
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise TraceFileError("This is not a moeviz trace: its header's __metadata__ is not a JSON object.")
+    return metadata
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# What each field annotation must be in a file's JSON, and each array's dtype kind.
+_JSON_CHECKS = {
+    "str": lambda v: isinstance(v, str),
+    "int": _is_int,
+    "list[int]": lambda v: isinstance(v, list) and all(map(_is_int, v)),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[tuple[int, int]]": lambda v: isinstance(v, list)
+    and all(isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in v),
+}
+_ARRAY_KINDS = {"topk_ids": "iu", "topk_weights": "f", "router_logits": "f"}
+
+
+def _check_file_fields(meta, tensors: dict) -> None:
+    """Refuse what the constructor would take but no chart can show. A file is untrusted
+    input: a token that is a number, a float expert id, a repeated layer or a lone surrogate
+    (which Streamlit cannot send to the browser) would otherwise crash a page later."""
+    if not isinstance(meta, dict):
+        raise ValueError("its fields are not a JSON object")
+    for field in fields(RoutingTrace):
+        check = _JSON_CHECKS.get(field.type)
+        if field.name in meta and check is not None and not check(meta[field.name]):
+            raise ValueError(f"{field.name} must be {field.type}, got {json.dumps(meta[field.name])[:60]}")
+    for name, kinds in _ARRAY_KINDS.items():
+        dtype = tensors[name].dtype
+        if dtype.kind not in kinds or (kinds == "iu" and not np.can_cast(dtype, np.int64)):
+            raise ValueError(f"{name} has dtype {dtype}; expected {'integers' if kinds == 'iu' else 'floats'}")
+    layers, count = meta.get("layer_ids", []), meta.get("num_layers", 0)
+    if len(set(layers)) != len(layers) or not all(0 <= n < count for n in layers):
+        raise ValueError(f"layer_ids {layers} must be distinct layers in [0, num_layers = {count})")
+    if not meta.get("tokens"):
+        raise ValueError("it holds no tokens")
+    try:
+        json.dumps(meta, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as error:
+        code = ord(error.object[error.start])
+        raise ValueError(f"its text holds U+{code:04X}, half of a UTF-16 surrogate pair, not a character") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import streamlit as st
@@ -12,11 +13,13 @@ import streamlit as st
 from moeviz import charts, metrics
 from moeviz.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.generation import Sampling, trace_generation
-from moeviz.models import BUNDLED_MODEL, LoadedModel, ModelLoadError, load_model
+from moeviz.models import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
+from moeviz.quantize import quantization_of
 from moeviz.trace import RoutingTrace, TraceFileError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 MAX_TOKENS_LIMIT = 8192
+WEIGHT_STORAGE = {"full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class ModelChoice:
     device: str
     dtype: str
     max_tokens: int
+    quantization: str = "none"  # "nf4": experts, attention and embeddings in 4-bit
 
 
 def default_model_source() -> str:
@@ -35,19 +39,19 @@ def default_model_source() -> str:
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def cached_model(source: str, device: str, dtype: str) -> LoadedModel:
-    return load_model(source, device=device, dtype=dtype)
+def cached_model(source: str, device: str, dtype: str, quantization: str = "none") -> LoadedModel:
+    return load_model(source, device=device, dtype=dtype, quantization=quantization)
 
 
 @st.cache_data(show_spinner="Running the model and capturing its routing…", max_entries=128)
 def cached_trace(choice: ModelChoice, text: str) -> RoutingTrace:
-    loaded = cached_model(choice.source, choice.device, choice.dtype)
+    loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
     return trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=choice.max_tokens)
 
 
 @st.cache_data(show_spinner="Generating, capturing the routing of every new token…", max_entries=64)
 def cached_generation(choice: ModelChoice, prompt: str, sampling: Sampling) -> RoutingTrace:
-    loaded = cached_model(choice.source, choice.device, choice.dtype)
+    loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
     return trace_generation(
         loaded.model, loaded.tokenizer, prompt, sampling, model_id=loaded.model_id, max_tokens=choice.max_tokens
     )
@@ -67,25 +71,47 @@ def model_sidebar() -> ModelChoice | None:
         ).strip()
         device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
         dtype = st.selectbox("Weights dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype")
+        quantization = "none"
+        if find_spec("bitsandbytes"):  # offered only where bitsandbytes can deliver it
+            quantization = WEIGHT_STORAGE[st.selectbox(
+                "Weights storage", list(WEIGHT_STORAGE), key="model_quantization",
+                help="4-bit (NF4) stores the experts, attention and embeddings in about 4.1 bits a weight "
+                "(a quarter of 16-bit), loading layer by layer; routers stay in the dtype above, which is "
+                "also the compute dtype. It is for big models on a GPU: on the CPU it is slower than 16-bit.",
+            )]
         max_tokens = int(st.number_input(
             "Token limit", min_value=1, max_value=MAX_TOKENS_LIMIT, value=DEFAULT_MAX_TOKENS, step=256,
             key="max_tokens", help="Longer texts are cut at this many tokens, with a notice.",
         ))
         try:
-            loaded = cached_model(source, device, dtype)
+            loaded = cached_model(source, device, dtype, quantization)
         except (ModelLoadError, NoRoutersError) as error:
             st.error(str(error))
             return None
         show_model_summary(loaded)
-    return ModelChoice(source, device, dtype, max_tokens)
+    return ModelChoice(source, device, dtype, max_tokens, quantization)
 
 
 def show_model_summary(loaded: LoadedModel) -> None:
-    config = loaded.model.config
+    summary = describe_model(loaded)
+    shared = f" + {summary.shared_experts} shared" if summary.shared_experts else ""
     st.caption(
-        f"**{loaded.model_id}** · {config.model_type} · {config.num_hidden_layers} layers · "
-        f"{loaded.parameter_count / 1e6:,.1f} M parameters · {loaded.device}"
+        f"**{summary.model_id}** · {summary.family} · {summary.layers} layers ({len(summary.moe_layers)} MoE) · "
+        f"{summary.experts} experts{shared}, top-{summary.top_k} · "
+        f"{summary.parameter_count / 1e6:,.1f} M parameters · {_weight_footprint(loaded)} · {summary.device}"
     )
+
+
+def _weight_footprint(loaded: LoadedModel) -> str:
+    """e.g. "26.1 GiB of weights (nf4)": the memory the weights take, quantization state included."""
+    size, storage = loaded.footprint_bytes, quantization_of(loaded.model)
+    amount = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
+    return f"{amount} of weights" + (f" ({storage})" if storage != "none" else "")
+
+
+def model_summary(choice: ModelChoice) -> ModelSummary:
+    """The facts of the model the sidebar loaded (the Models page)."""
+    return describe_model(cached_model(choice.source, choice.device, choice.dtype, choice.quantization))
 
 
 def presets() -> dict[str, str]:
@@ -180,8 +206,9 @@ def analyse(choice: ModelChoice, text: str) -> RoutingTrace | None:
 
 
 def show_token_count(trace: RoutingTrace) -> None:
+    shared = f" + {trace.shared_experts} shared (always active)" if trace.shared_experts else ""
     st.caption(f"{trace.num_tokens:,} tokens · {len(trace.layer_ids)} MoE layers of {trace.num_layers} · "
-               f"{trace.num_experts} experts · top-{trace.top_k} · {trace.scoring} router")
+               f"{trace.num_experts} experts{shared} · top-{trace.top_k} · {trace.scoring} router")
     if trace.truncated:
         st.warning(
             f"The text has {trace.input_token_count:,} tokens; only the first {trace.num_tokens:,} "
@@ -193,7 +220,8 @@ def layer_picker(trace: RoutingTrace, key: str, label: str = "Layer") -> int:
     if len(trace.layer_ids) == 1:
         return trace.layer_ids[0]
     # The key carries the layer ids, so a model with other layers starts a fresh slider.
-    return st.select_slider(label, options=trace.layer_ids, key=f"{key}-{trace.layer_ids}")
+    return st.select_slider(label, options=trace.layer_ids, format_func=trace.layer_label,
+                            key=f"{key}-{trace.layer_ids}")
 
 
 def show_figure(fig, key: str) -> None:
@@ -227,4 +255,5 @@ def repeat_rate_figure(trace: RoutingTrace):
         trace.layer_ids,
         {label: getattr(rates, name) for name, label in REPEAT_LABELS.items()},
         {label: getattr(chance, name) for name, label in REPEAT_LABELS.items()},
+        layer_labels=[trace.layer_label(n) for n in trace.layer_ids],
     )

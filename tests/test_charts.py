@@ -1,5 +1,6 @@
 """Chart tests: each checks the data a figure carries, on small hand-built traces."""
 
+import dataclasses
 from html.parser import HTMLParser
 
 import numpy as np
@@ -441,3 +442,77 @@ def test_figure_table_of_sankey_and_js_matrix(walk):
     assert table[["x", "y", "z"]].values.tolist() == [
         ["a", "a", 0.0], ["<s>", "a", 0.3], ["a", "<s>", 0.3], ["<s>", "<s>", 0.0]
     ]
+
+
+# -- many experts, shared experts, encoder-decoder layers ---------------------------------------
+
+
+@pytest.fixture
+def deepseek_like():
+    """256 routed experts, top-8, 1 shared expert, 40 tokens, MoE layers 3 and 4 of 5."""
+    rng = np.random.default_rng(2)
+    topk = np.stack([[rng.choice(256, size=8, replace=False) for _ in range(40)] for _ in range(2)])
+    logits = rng.normal(size=(2, 40, 256))
+    trace = make_trace(topk, logits, np.sort(rng.random((2, 40, 8)))[..., ::-1], scoring="sigmoid",
+                       layer_ids=[3, 4], num_layers=5)
+    return dataclasses.replace(trace, shared_experts=1)
+
+
+def test_charts_stay_legible_with_256_experts_top_8(deepseek_like):
+    trace = deepseek_like
+    heat = probability_heatmap(trace, 3)
+    assert heat.layout.yaxis.dtick is None and heat.layout.yaxis.tickmode is None  # Plotly's sparse ticks
+    assert [t.name for t in heat.data] == ["router score (sigmoid)", "top-k picks"]  # no legend per expert
+    assert len(heat.data[1].x) == 40 * 8 and heat.data[1].marker.size == 5
+    load = expert_load_chart(np.full(256, 8 / 256), 8 / 256, shared_experts=1)
+    assert sum(t.showlegend is not False for t in load.data) == 1 and load.layout.xaxis.dtick is None
+    layers = layer_load_heatmap(trace, np.full((2, 256), 8 / 256), 8 / 256)
+    assert layers.layout.xaxis.dtick is None and np.asarray(layers.data[0].z).shape == (5, 256)
+    assert list(layers.data[0].y) == ["layer 0 (dense)", "layer 1 (dense)", "layer 2 (dense)", "layer 3", "layer 4"]
+    assert coactivation_heatmap(np.eye(256, dtype=int)).layout.xaxis.dtick is None
+    # The token view's legend names the 16 most used experts, not up to 40 swatches.
+    parsed = _parse(token_view_html(trace, 4))
+    first = trace.first_choice[1]
+    assert len(parsed.swatches) == 16 and len(np.unique(first)) > 16
+    counts = np.bincount(first, minlength=256)
+    named = [int(s["text"].split()[1]) for s in parsed.swatches]
+    assert named == sorted(named) and min(counts[named]) >= max(np.delete(counts, named))
+    assert f"… {len(np.unique(first)) - 16} more experts" in token_view_html(trace, 4)
+
+
+def test_shared_experts_are_shown_as_always_active(deepseek_like):
+    note = "+ 1 shared expert, always active (not routed)"
+    assert probability_heatmap(deepseek_like, 3).layout.title.subtitle.text == note
+    assert layer_load_heatmap(deepseek_like, np.ones((2, 256)), 0.5).layout.title.subtitle.text == note
+    assert expert_load_chart([0.5, 0.5], 0.5, shared_experts=4).layout.title.subtitle.text == (
+        "+ 4 shared experts, always active (not routed)")
+    page = token_view_html(deepseek_like, 3)
+    assert '<span class="moeviz-shared"' in page and "shared ×1, always active</span>" in page
+    plain = dataclasses.replace(deepseek_like, shared_experts=0)
+    assert not probability_heatmap(plain, 3).layout.title.subtitle.text
+    assert "moeviz-shared" not in token_view_html(plain, 3)
+    assert not expert_load_chart([0.5, 0.5], 0.5).layout.title.subtitle.text
+
+
+@pytest.fixture
+def switch_like():
+    """An encoder-decoder trace: 4 encoder and 4 decoder layers, blocks 1 and 3 of each MoE."""
+    trace = make_trace(np.array(TOPK_IDS)[[0, 1, 0, 1]][..., :1], layer_ids=[1, 3, 5, 7], num_layers=8, num_experts=4)
+    return dataclasses.replace(trace, encoder_layers=4)
+
+
+def test_encoder_decoder_layers_are_labelled_with_their_stack(switch_like):
+    trace = switch_like
+    assert trace.layer_stacks == ["encoder", "encoder", "decoder", "decoder"]
+    heat = layer_load_heatmap(trace, np.full((4, 4), 0.25), 0.25).data[0]
+    assert list(heat.y) == ["enc 0 (dense)", "enc 1", "enc 2 (dense)", "enc 3",
+                            "dec 0 (dense)", "dec 1", "dec 2 (dense)", "dec 3"]
+    assert probability_heatmap(trace, 5).layout.title.text == "Router scores, dec 1"
+    assert "first choice, enc 3:" in token_view_html(trace, 3)
+    assert list(transition_sankey(trace, [3, 5]).data[0].node.label)[0].startswith("enc 3 e")
+    rates = repeat_rate_chart(trace.layer_ids, {"a": [0.1] * 4}, {"a": [0.2] * 4},
+                              layer_labels=[trace.layer_label(n) for n in trace.layer_ids])
+    assert list(rates.layout.xaxis.tickvals) == [1, 3, 5, 7]
+    assert list(rates.layout.xaxis.ticktext) == ["enc 1", "enc 3", "dec 1", "dec 3"]
+    with pytest.raises(ValueError, match="3 layer labels for 4 layers"):
+        repeat_rate_chart(trace.layer_ids, {"a": [0.1] * 4}, {"a": [0.2] * 4}, layer_labels=["a", "b", "c"])

@@ -1,0 +1,69 @@
+"""Corpus run: expert load, Jensen-Shannon divergence and repeat rates per domain, from a run
+written by `moeviz corpus` (thousands of documents instead of one sample per domain)."""
+
+from pathlib import Path
+
+import streamlit as st
+
+from moeviz import charts, runs
+from moeviz.ui import show_figure
+
+
+@st.cache_data(show_spinner="Reading the run…", max_entries=4)
+def cached_run(path: str, parts: tuple) -> runs.CorpusRun:
+    """`parts` (name, size, mtime of each part file) is in the key so that a run still being
+    written is read again as it grows."""
+    return runs.read_run(path)
+
+
+def part_stamps(path: str) -> tuple:
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in runs.part_paths(path))
+
+
+st.title("Corpus run")
+st.caption("Open a run folder written by `moeviz corpus DOCS -o RUN`. Remember that an untrained router "
+           "also separates domains: compare with a run of the untrained model.")
+path = st.text_input("Run folder (on the machine running moeviz)", key="corpus_run_path",
+                     placeholder="/path/to/run").strip()
+if not path:
+    st.info("Give the folder of a corpus run, e.g. one written by `moeviz corpus corpus.jsonl -o run`.")
+    st.stop()
+try:
+    run = cached_run(str(Path(path).expanduser()), part_stamps(str(Path(path).expanduser())))
+except runs.RunError as error:
+    st.error(str(error))
+    st.stop()
+
+manifest = run.manifest
+st.caption(f"**{manifest.model_id}** ({manifest.model_type}) · {run.documents:,} documents · {run.tokens:,} tokens · "
+           + " · ".join(f"{name}: {d.documents:,} documents, {d.num_tokens:,} tokens" for name, d in run.domains.items()))
+if len(manifest.layer_ids) > 1:
+    layer = st.select_slider("Layer", options=manifest.layer_ids, format_func=manifest.layer_label,
+                             key=f"corpus_run_layer-{manifest.layer_ids}")
+else:
+    layer = manifest.layer_ids[0]
+index = manifest.layer_ids.index(layer)
+mode = st.radio("Count", ["first choice", f"top-{manifest.top_k}"], horizontal=True, key="corpus_run_choices")
+picks = 1 if mode == "first choice" else manifest.top_k
+loads = runs.domain_loads(run, picks)
+
+st.subheader(f"Share of tokens per expert, by domain · {manifest.layer_label(layer)}")
+show_figure(charts.load_comparison_chart({name: load[index] for name, load in loads.items()},
+                                         picks / manifest.num_experts), "corpus_loads")
+
+if len(loads) >= 2:
+    st.subheader(f"Jensen–Shannon divergence between domains (bits) · {manifest.layer_label(layer)}")
+    show_figure(charts.js_matrix_heatmap(list(loads), runs.domain_js_matrix(loads, index)), "corpus_js")
+else:
+    st.info("This run has one domain: give documents a domain (sub-folders, or a \"domain\" field) to compare them.")
+
+st.subheader("Adjacent tokens with the same first-choice expert, within documents")
+rates = {name: r.same_first for name, r in runs.domain_repeat_rates(run).items()}
+if rates:
+    chance = {name: runs.repeat_chance(run).same_first for name in rates}
+    show_figure(charts.repeat_rate_chart(manifest.layer_ids, rates, chance,
+                                         layer_labels=[manifest.layer_label(n) for n in manifest.layer_ids]),
+                "corpus_repeat_rates")
+    st.caption(f"Dashed: chance level 1/E = {1 / manifest.num_experts:.3f}. Pairs across two documents are not counted.")
+else:
+    st.info("Every document is one token long: there are no adjacent tokens to compare.")

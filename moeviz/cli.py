@@ -1,0 +1,259 @@
+"""The moeviz command line: `moeviz COMMAND` or `python -m moeviz COMMAND`.
+
+    moeviz trace "def f(x): return x + 1" -o f.safetensors   routing of one text + a summary
+    moeviz corpus docs/ -o run/                               a resumable corpus run (Parquet)
+    moeviz serve                                              the app, on http://127.0.0.1:8501
+    moeviz info                                               what a MoE model is, how it routes
+
+Commands import torch only once they need a model, so `--help`, argument errors and `serve`
+answer at once. Errors are one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_TOKENS = 2048  # capture.DEFAULT_MAX_TOKENS, written out so that --help needs no torch (tested)
+
+EXIT_STATUS = """exit status: 0 done, 1 failed (a file, run or model that cannot be used),
+2 usage error (bad arguments, an input path that does not exist)"""
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible: exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit:  # --help, or argparse's own usage error
+        return exit.code if isinstance(exit.code, int) else 0
+    try:
+        return args.run(args)
+    except UsageError as error:
+        return _fail(f"moeviz {args.command}: error: {error}", 2)
+    except (ValueError, OSError) as error:  # ModelLoadError, NoRoutersError, CorpusError, RunError, ...
+        return _fail(f"moeviz {args.command}: {error}", 1)
+    except KeyboardInterrupt:
+        return _fail(f"moeviz {args.command}: interrupted", 130)
+
+
+def _fail(message: str, status: int) -> int:
+    print(" ".join(message.split()), file=sys.stderr)  # one line, whatever the error held
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moeviz", epilog=EXIT_STATUS,
+        description="See how a Mixture-of-Experts language model routes every token to its experts.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    trace = _command(commands, "trace", trace_command, "trace one text: a trace file and a summary table", (
+        "Run a text through the model, capture the experts every token used in every MoE layer, "
+        "print a summary per layer, and save the trace (open it in the app: Source > Trace file)."
+    ))
+    source = trace.add_mutually_exclusive_group(required=True)
+    source.add_argument("text", nargs="?", help="the text to trace")
+    source.add_argument("--file", type=Path, help="read the text from this UTF-8 file instead")
+    trace.add_argument("-o", "--output", type=Path, metavar="FILE",
+                       help="write the trace here (.safetensors); without it only the summary is printed")
+    _max_tokens_option(trace, "cut the text after N tokens")
+    trace.add_argument("--generate", type=_positive_int, metavar="N",
+                       help="treat the text as a prompt, generate up to N tokens and trace those too")
+    trace.add_argument("--temperature", type=float, metavar="T", help="sampling temperature with --generate (default 0: greedy)")
+    trace.add_argument("--seed", type=int, help="random seed of the sampling with --generate (default 0)")
+    _model_option(trace)
+
+    corpus = _command(commands, "corpus", corpus_command, "trace a corpus into a resumable Parquet run", (
+        "Stream documents through the model in batches and append their per-token routing (document, "
+        "domain, position, token, layer, top-k expert ids and weights) to Parquet part files in a run "
+        "folder. Run it again on the same folder to resume: documents already done are skipped. "
+        "Open the run in the app's Corpus run page."
+    ))
+    corpus.add_argument("source", type=Path, help=(
+        "a folder of .txt files (domain = first sub-folder, id = relative path) or a .jsonl file "
+        "(\"text\", optional \"id\" and \"domain\" per line)"))
+    corpus.add_argument("-o", "--output", type=Path, required=True, metavar="RUN",
+                        help="the run folder: new or empty, or an earlier run of the same model to resume")
+    corpus.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                        help="documents per forward pass and per part file (default: %(default)s)")
+    _max_tokens_option(corpus, "cut each document after N tokens")
+    _model_option(corpus)
+
+    serve = _command(commands, "serve", serve_command, "start the moeviz app", (
+        "Start the Streamlit app. It listens on 127.0.0.1 only unless --address says otherwise."
+    ))
+    serve.add_argument("--address", default="127.0.0.1",
+                       help="address to listen on (default: %(default)s; 0.0.0.0 shares the app with your network)")
+    serve.add_argument("--port", type=_positive_int, default=8501, help="port (default: %(default)s)")
+    _model_option(serve)
+
+    info = _command(commands, "info", info_command, "describe a MoE model", (
+        "Load a model and print its family, layers (which are MoE), experts, top-k, scoring "
+        "function, shared experts, router class, parameters, size and quantization."
+    ))
+    _model_option(info)
+    return parser
+
+
+def _command(commands, name: str, run, summary: str, description: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=summary, description=description, epilog=EXIT_STATUS)
+    command.set_defaults(run=run)
+    return command
+
+
+def _model_option(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--model", metavar="PATH_OR_ID",
+                         help="a local model folder or a hub id (default: $MOEVIZ_MODEL, else the bundled model)")
+
+
+def _max_tokens_option(command: argparse.ArgumentParser, what: str) -> None:
+    command.add_argument("--max-tokens", type=_positive_int, default=MAX_TOKENS, metavar="N",
+                         help=f"{what} (default: %(default)s)")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _existing(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UsageError(f"no {what} at {path}")
+    return path
+
+
+def _load(args):
+    from moeviz.models import BUNDLED_MODEL, load_model
+
+    return load_model(args.model or os.environ.get("MOEVIZ_MODEL") or BUNDLED_MODEL)
+
+
+# -- trace -----------------------------------------------------------------------------------
+
+
+def trace_command(args) -> int:
+    if args.generate is None and (args.temperature is not None or args.seed is not None):
+        raise UsageError("--temperature and --seed only apply with --generate N")
+    if args.output is not None and not args.output.parent.is_dir():
+        raise UsageError(f"no folder {args.output.parent} to write {args.output.name} in")
+    text = args.text
+    if args.file is not None:
+        try:
+            text = _existing(args.file, "text file").read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{args.file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+    from moeviz.api import trace_text
+    from moeviz.generation import Sampling
+
+    sampling = None
+    if args.generate is not None:
+        sampling = Sampling(max_new_tokens=args.generate, temperature=args.temperature or 0.0, seed=args.seed or 0)
+    trace = trace_text(_load(args), text, max_tokens=args.max_tokens, sampling=sampling)
+    print(summary_table(trace))
+    if args.output is not None:
+        trace.save(args.output)
+        print(f"Trace written to {args.output}")
+    return 0
+
+
+def summary_table(trace) -> str:
+    """A plain-text table of a RoutingTrace, one row per MoE layer: the busiest and idlest
+    expert's first-choice share against the uniform 1/E, mean router entropy, balance loss
+    (balanced = k) and the share of adjacent tokens keeping their first choice, against chance."""
+    from moeviz import metrics
+
+    uniform = 1 / trace.num_experts
+    load = metrics.expert_load(trace, 1)
+    entropy = metrics.router_entropy(trace).mean(axis=1)
+    balance = metrics.balance_loss(trace)
+    repeats = metrics.repeat_rates(trace).same_first if trace.num_tokens >= 2 else None
+    header = ["layer", "top-1 max", "top-1 min", "entropy (bits)", f"balance (k={trace.top_k})", "same first"]
+    rows = [
+        [
+            trace.layer_label(layer_id),
+            f"{load[i].max():.3f} ({load[i].max() / uniform:.2f}x)",
+            f"{load[i].min():.3f} ({load[i].min() / uniform:.2f}x)",
+            f"{entropy[i]:.3f}",
+            f"{balance[i]:.3f}",
+            "-" if repeats is None else f"{repeats[i]:.3f}",
+        ]
+        for i, layer_id in enumerate(trace.layer_ids)
+    ]
+    widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+    lines = [
+        f"{trace.model_id} ({trace.model_type}): {trace.num_tokens} tokens, {len(trace.layer_ids)} MoE layers "
+        f"of {trace.num_layers}, {trace.num_experts} experts, top-{trace.top_k}, {trace.scoring} router",
+    ]
+    if trace.generated:
+        lines.append(f"{trace.num_tokens - trace.generated_from} of the tokens were generated")
+    if trace.truncated:
+        lines.append(f"The text has {trace.input_token_count} tokens; only the first {trace.num_tokens} were traced")
+    lines += ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in [header, *rows]]
+    lines.append(
+        f"top-1 shares against uniform 1/E = {uniform:.3f}; same first: adjacent tokens with the same "
+        f"first-choice expert, chance {uniform:.3f}"
+    )
+    return "\n".join(lines)
+
+
+# -- corpus ----------------------------------------------------------------------------------
+
+
+def corpus_command(args) -> int:
+    _existing(args.source, "corpus")
+    from moeviz.corpus import read_documents, run_corpus
+
+    documents = read_documents(args.source)  # a bad corpus fails before the model loads
+    summary = run_corpus(_load(args), documents, args.output, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    print(
+        f"{summary.run_dir}: traced {summary.documents} documents ({summary.tokens} tokens) into "
+        f"{summary.parts} part files; {summary.skipped} were already done"
+        + (f"; {summary.truncated} were cut at {args.max_tokens} tokens" if summary.truncated else "")
+    )
+    return 0
+
+
+# -- serve -----------------------------------------------------------------------------------
+
+
+def serve_command(args) -> int:
+    """Replace this process with Streamlit running the app, so that signals reach the server."""
+    app = REPO / "app.py"
+    if not app.is_file():
+        raise ValueError(f"moeviz serve runs the app from a source checkout, and {app} is missing")
+    env = dict(os.environ)
+    if args.model:
+        model = Path(args.model).expanduser()
+        if model.exists():
+            env["MOEVIZ_MODEL"] = str(model.resolve())  # the server runs from the checkout
+        elif model.is_absolute() or args.model.startswith((".", "~")):
+            raise UsageError(f"no model folder at {args.model}")
+        else:
+            env["MOEVIZ_MODEL"] = args.model  # a hub id
+    print(f"moeviz: serving on http://{args.address}:{args.port}", file=sys.stderr, flush=True)
+    os.chdir(REPO)  # Streamlit reads .streamlit/config.toml from its working directory
+    command = ["streamlit", "run", str(app), "--server.address", args.address, "--server.port", str(args.port)]
+    os.execve(sys.executable, [sys.executable, "-m", *command], env)
+
+
+# -- info ------------------------------------------------------------------------------------
+
+
+def info_command(args) -> int:
+    from moeviz.models import describe_model
+
+    rows = describe_model(_load(args)).rows()
+    width = max(map(len, rows))
+    print("\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in rows.items()))
+    return 0
