@@ -3,7 +3,8 @@
 import streamlit as st
 
 from moeviz import charts, metrics
-from moeviz.ui import layer_picker, repeat_rate_figure, show_figure, trace_from_source, trace_download
+from moeviz.ui import (layer_picker, repeat_rate_figure, router_scores_shown, show_figure, trace_from_source,
+                       trace_download)
 
 st.title("Analyse text")
 choice = st.session_state.get("model_choice")
@@ -17,7 +18,8 @@ if trace is not None:
     st.html(charts.token_view_html(trace, layer))
 
     st.subheader("Router probabilities")
-    show_figure(charts.probability_heatmap(trace, layer), "probabilities")
+    if router_scores_shown(trace, "The router probability heatmap"):
+        show_figure(charts.probability_heatmap(trace, layer), "probabilities")
 
     left, right = st.columns(2)
     with left:
@@ -41,8 +43,9 @@ if trace is not None:
 
     st.subheader("Balance")
     cols = st.columns(3)
-    cols[0].metric("Balance loss E·Σ f·P (balanced = k)", f"{metrics.balance_loss(trace)[index]:.3f}")
-    cols[1].metric("Mean router entropy (bits)", f"{metrics.router_entropy(trace)[index].mean():.3f}")
     cols[2].metric("Tokens dropped at capacity factor 1.25", f"{metrics.dropped_token_share(trace, 1.25)[index]:.1%}")
+    if router_scores_shown(trace, "The balance loss and router entropy"):
+        cols[0].metric("Balance loss E·Σ f·P (balanced = k)", f"{metrics.balance_loss(trace)[index]:.3f}")
+        cols[1].metric("Mean router entropy (bits)", f"{metrics.router_entropy(trace)[index].mean():.3f}")
 
     trace_download(trace, "analyse_trace_file")

@@ -28,15 +28,17 @@ path = st.text_input("Run folder (on the machine running moeviz)", key="corpus_r
 if not path:
     st.info("Give the folder of a corpus run, e.g. one written by `moeviz corpus corpus.jsonl -o run`.")
     st.stop()
+path = str(Path(path).expanduser())
 try:
-    run = cached_run(str(Path(path).expanduser()), part_stamps(str(Path(path).expanduser())))
+    run = cached_run(path, part_stamps(path))
 except runs.RunError as error:
     st.error(str(error))
     st.stop()
 
 manifest = run.manifest
-st.caption(f"**{manifest.model_id}** ({manifest.model_type}) · {run.documents:,} documents · {run.tokens:,} tokens · "
-           + " · ".join(f"{name}: {d.documents:,} documents, {d.num_tokens:,} tokens" for name, d in run.domains.items()))
+domains = [f"{name}: {d.documents:,} documents, {d.num_tokens:,} tokens" for name, d in run.domains.items()]
+st.caption(" · ".join([f"**{manifest.model_id}** ({manifest.model_type})", f"{run.documents:,} documents",
+                       f"{run.tokens:,} tokens", *domains]))
 if len(manifest.layer_ids) > 1:
     layer = st.select_slider("Layer", options=manifest.layer_ids, format_func=manifest.layer_label,
                              key=f"corpus_run_layer-{manifest.layer_ids}")
@@ -64,6 +66,7 @@ if rates:
     show_figure(charts.repeat_rate_chart(manifest.layer_ids, rates, chance,
                                          layer_labels=[manifest.layer_label(n) for n in manifest.layer_ids]),
                 "corpus_repeat_rates")
-    st.caption(f"Dashed: chance level 1/E = {1 / manifest.num_experts:.3f}. Pairs across two documents are not counted.")
+    st.caption(f"Dashed: chance level 1/E = {1 / manifest.num_experts:.3f}. "
+               "Pairs across two documents are not counted.")
 else:
     st.info("Every document is one token long: there are no adjacent tokens to compare.")

@@ -6,7 +6,7 @@ import streamlit as st
 
 from moeviz import policies, policy_charts
 from moeviz.metrics import expert_capacity
-from moeviz.ui import layer_picker, show_figure, trace_from_source
+from moeviz.ui import layer_picker, router_scores_shown, show_figure, trace_from_source
 
 POLICIES = ("Top-k", "Top-k with capacity", "Expert choice", "Hash", "Bias balancing (DeepSeek-V3)")
 DROP_ORDERS = {"token order (Switch, GShard)": "token", "score order (batch prioritized routing, V-MoE)": "score"}
@@ -68,7 +68,7 @@ st.info(
 )
 choice = st.session_state.get("model_choice")
 trace = trace_from_source(choice, "lab_text", default_preset="english")
-if trace is not None:
+if trace is not None and router_scores_shown(trace, "The routing lab replays policies on router scores: it"):
     layer = layer_picker(trace, "lab_layer")
     scores = policies.layer_scores(trace, layer)
     model = policies.model_routing(trace, layer)

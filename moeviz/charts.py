@@ -21,7 +21,7 @@ import pandas as pd
 import plotly.colors
 import plotly.graph_objects as go
 
-from moeviz.trace import RoutingTrace
+from moeviz.trace import IDS_ONLY, IdsOnlyError, RoutingTrace
 
 MAX_TOKEN_TICKS = 80  # beyond this many tokens, tick labels overlap: positions + hover instead
 _TICK_CHARS = 12  # longer token labels are cut in ticks (hover keeps them whole)
@@ -152,7 +152,10 @@ def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
 
     Trace 0 is the heatmap (y = expert, x = token position, customdata = token label);
     trace 1 marks each (token, expert) the model actually used, hover giving its weight.
+    Raises IdsOnlyError for a trace of expert ids only (from a serving engine).
     """
+    if not (trace.has_logits and trace.has_weights):
+        raise IdsOnlyError(IDS_ONLY)
     layer = trace.layer_index(layer_id)
     num_experts, num_tokens, k = trace.num_experts, trace.num_tokens, trace.top_k
     positions = np.arange(num_tokens)
@@ -219,16 +222,21 @@ def token_view_html(trace: RoutingTrace, layer_id: int) -> str:
     """The text coloured by each token's first-choice expert (Mixtral paper, Fig. 8).
 
     One `<span class="moeviz-token">` per token; its `title` lists the top-k experts with
-    weights. All text is escaped, so the result is safe for `st.html`.
+    weights (ids alone for a trace without weights). All text is escaped, so the result is
+    safe for `st.html`.
     """
     layer = trace.layer_index(layer_id)
     colors = expert_colors(trace.num_experts)
-    ids, weights = trace.topk_ids[layer], trace.topk_weights[layer]
+    ids = trace.topk_ids[layer]
+    weights = trace.topk_weights[layer] if trace.has_weights else [None] * trace.num_tokens
 
     spans = []
     for position, (token, token_ids, token_weights) in enumerate(zip(trace.tokens, ids, weights)):
         background = colors[token_ids[0]]
-        title = " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(token_ids, token_weights))
+        if token_weights is None:
+            title = " · ".join(f"expert {e}" for e in token_ids)
+        else:
+            title = " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(token_ids, token_weights))
         text = "".join(
             html.escape(visible, quote=True) + ("<br>" if ch == "\n" else "")
             for ch, visible in zip(token, _visible_chars(token))

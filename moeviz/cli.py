@@ -5,8 +5,8 @@
     moeviz serve                                              the app, on http://127.0.0.1:8501
     moeviz info                                               what a MoE model is, how it routes
 
-Commands import torch only once they need a model, so `--help`, argument errors and `serve`
-answer at once. Errors are one line on stderr, without a traceback.
+Commands import torch only once they need a model (moeviz.metrics does not), so `--help`,
+argument errors and `serve` answer at once. Errors are one line on stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from moeviz import metrics
+from moeviz.trace import RoutingTrace
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 2048  # capture.DEFAULT_MAX_TOKENS, written out so that --help needs no torch (tested)
@@ -67,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     _max_tokens_option(trace, "cut the text after N tokens")
     trace.add_argument("--generate", type=_positive_int, metavar="N",
                        help="treat the text as a prompt, generate up to N tokens and trace those too")
-    trace.add_argument("--temperature", type=float, metavar="T", help="sampling temperature with --generate (default 0: greedy)")
+    trace.add_argument("--temperature", type=float, metavar="T",
+                       help="sampling temperature with --generate (default 0: greedy)")
     trace.add_argument("--seed", type=int, help="random seed of the sampling with --generate (default 0)")
     _model_option(trace)
+    _server_options(trace)
 
     corpus = _command(commands, "corpus", corpus_command, "trace a corpus into a resumable Parquet run", (
         "Stream documents through the model in batches and append their per-token routing (document, "
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="documents per forward pass and per part file (default: %(default)s)")
     _max_tokens_option(corpus, "cut each document after N tokens")
     _model_option(corpus)
+    _server_options(corpus)
 
     serve = _command(commands, "serve", serve_command, "start the moeviz app", (
         "Start the Streamlit app. It listens on 127.0.0.1 only unless --address says otherwise."
@@ -112,6 +118,39 @@ def _command(commands, name: str, run, summary: str, description: str) -> argpar
 def _model_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", metavar="PATH_OR_ID",
                          help="a local model folder or a hub id (default: $MOEVIZ_MODEL, else the bundled model)")
+
+
+def _server_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("serving engines", (
+        "Send the text to a running vLLM or SGLang server with routing enabled instead of running the model "
+        "here (see the README, \"Serving engines\"). --model then names a local folder with the served "
+        "model's config.json and tokenizer; no weights are needed. The trace holds expert ids only."))
+    group.add_argument("--server", metavar="URL", help="the server, e.g. http://gpu-box:8000")
+    group.add_argument("--engine", choices=("vllm", "sglang"), help="which engine serves it (needed with --server)")
+    group.add_argument("--concurrency", type=_positive_int, default=4, metavar="N",
+                       help="requests in flight at once; a corpus sends one batch at a time (default: %(default)s)")
+    group.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="retries of a failed request, with exponential backoff (default: %(default)s)")
+
+
+def _server(args):
+    """(ServedModel, ServerOptions) for --server, or None to run the model here."""
+    if args.server is None:
+        if args.engine is not None:
+            raise UsageError("--engine only applies with --server URL")
+        return None
+    if args.engine is None:
+        raise UsageError("--server needs --engine vllm or --engine sglang")
+    if args.retries < 0:
+        raise UsageError(f"--retries must be 0 or more, got {args.retries}")
+    from moeviz.engine_client import ServerOptions
+    from moeviz.engines import served_model
+
+    folder = args.model or os.environ.get("MOEVIZ_MODEL")
+    if not folder or not Path(folder).is_dir():
+        raise UsageError("--server needs --model FOLDER (or $MOEVIZ_MODEL) holding the served model's "
+                         "config.json and tokenizer")
+    return served_model(folder), ServerOptions(args.server, args.engine, args.concurrency, args.retries)
 
 
 def _max_tokens_option(command: argparse.ArgumentParser, what: str) -> None:
@@ -159,7 +198,16 @@ def trace_command(args) -> int:
     sampling = None
     if args.generate is not None:
         sampling = Sampling(max_new_tokens=args.generate, temperature=args.temperature or 0.0, seed=args.seed or 0)
-    trace = trace_text(_load(args), text, max_tokens=args.max_tokens, sampling=sampling)
+    server = _server(args)
+    if server is not None:
+        from moeviz.engine_client import trace_on_server
+
+        if args.seed is not None:
+            raise UsageError("--seed does not apply with --server")
+        trace = trace_on_server(*server, text, max_tokens=args.max_tokens, max_new_tokens=args.generate or 0,
+                                temperature=args.temperature or 0.0)
+    else:
+        trace = trace_text(_load(args), text, max_tokens=args.max_tokens, sampling=sampling)
     print(summary_table(trace))
     if args.output is not None:
         trace.save(args.output)
@@ -167,16 +215,15 @@ def trace_command(args) -> int:
     return 0
 
 
-def summary_table(trace) -> str:
+def summary_table(trace: RoutingTrace) -> str:
     """A plain-text table of a RoutingTrace, one row per MoE layer: the busiest and idlest
     expert's first-choice share against the uniform 1/E, mean router entropy, balance loss
     (balanced = k) and the share of adjacent tokens keeping their first choice, against chance."""
-    from moeviz import metrics
-
     uniform = 1 / trace.num_experts
     load = metrics.expert_load(trace, 1)
-    entropy = metrics.router_entropy(trace).mean(axis=1)
-    balance = metrics.balance_loss(trace)
+    scored = trace.has_logits  # a serving engine's trace has expert ids only
+    entropy = metrics.router_entropy(trace).mean(axis=1) if scored else None
+    balance = metrics.balance_loss(trace) if scored else None
     repeats = metrics.repeat_rates(trace).same_first if trace.num_tokens >= 2 else None
     header = ["layer", "top-1 max", "top-1 min", "entropy (bits)", f"balance (k={trace.top_k})", "same first"]
     rows = [
@@ -184,8 +231,8 @@ def summary_table(trace) -> str:
             trace.layer_label(layer_id),
             f"{load[i].max():.3f} ({load[i].max() / uniform:.2f}x)",
             f"{load[i].min():.3f} ({load[i].min() / uniform:.2f}x)",
-            f"{entropy[i]:.3f}",
-            f"{balance[i]:.3f}",
+            "-" if entropy is None else f"{entropy[i]:.3f}",
+            "-" if balance is None else f"{balance[i]:.3f}",
             "-" if repeats is None else f"{repeats[i]:.3f}",
         ]
         for i, layer_id in enumerate(trace.layer_ids)
@@ -199,7 +246,11 @@ def summary_table(trace) -> str:
         lines.append(f"{trace.num_tokens - trace.generated_from} of the tokens were generated")
     if trace.truncated:
         lines.append(f"The text has {trace.input_token_count} tokens; only the first {trace.num_tokens} were traced")
-    lines += ["  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]) for row in [header, *rows]]
+    if not scored:
+        lines.append(f"Expert ids only, as {trace.engine or 'a serving engine'} reported them: "
+                     "entropy and balance need router logits")
+    for row in [header, *rows]:  # layer names to the left, numbers to the right
+        lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
     lines.append(
         f"top-1 shares against uniform 1/E = {uniform:.3f}; same first: adjacent tokens with the same "
         f"first-choice expert, chance {uniform:.3f}"
@@ -215,7 +266,15 @@ def corpus_command(args) -> int:
     from moeviz.corpus import read_documents, run_corpus
 
     documents = read_documents(args.source)  # a bad corpus fails before the model loads
-    summary = run_corpus(_load(args), documents, args.output, batch_size=args.batch_size, max_tokens=args.max_tokens)
+    server = _server(args)
+    if server is not None:
+        from moeviz.engine_client import run_corpus_on_server
+
+        summary = run_corpus_on_server(*server, documents, args.output, batch_size=args.batch_size,
+                                       max_tokens=args.max_tokens)
+    else:
+        summary = run_corpus(_load(args), documents, args.output, batch_size=args.batch_size,
+                             max_tokens=args.max_tokens)
     print(
         f"{summary.run_dir}: traced {summary.documents} documents ({summary.tokens} tokens) into "
         f"{summary.parts} part files; {summary.skipped} were already done"

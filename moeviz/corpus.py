@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from moeviz.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers, routing_facts, trace_text
 from moeviz.models import LoadedModel
+from moeviz.quantize import quantization_of
 from moeviz.runs import MANIFEST_NAME, ROW_SCHEMA, RunError, RunManifest, part_paths, read_part
-from moeviz.tokens import Tokenized, tokenize
+from moeviz.tokens import tokenize
 from moeviz.trace import RoutingTrace
 
 SORT_WINDOW = 64  # batches whose documents are sorted by length together, to limit padding
@@ -167,13 +168,13 @@ def _rows_of(collector: dict, row: int, length: int, batch: int, width: int) -> 
     rows = {}
     for name, parts in collector.items():
         rows[name] = {}
-        for part, [tensor] in parts.items():
-            if tensor.shape[0] != batch * width:
+        for part, calls in parts.items():
+            if len(calls) != 1 or calls[0].shape[0] != batch * width:
                 raise RuntimeError(
-                    f"Router {name} recorded {tensor.shape[0]} token rows for a batch of {batch} x "
-                    f"{width} tokens; moeviz expects the batch flattened to [batch * seq, ...]"
+                    f"Router {name} recorded {[call.shape[0] for call in calls]} token rows for one batch of "
+                    f"{batch} x {width} tokens; moeviz expects one call on the batch flattened to [batch * seq, ...]"
                 )
-            rows[name][part] = [tensor.reshape(batch, width, -1)[row, :length]]
+            rows[name][part] = [calls[0].reshape(batch, width, -1)[row, :length]]
     return rows
 
 
@@ -207,7 +208,9 @@ def run_corpus(
         raise ValueError(f"batch_size and max_tokens must be at least 1, got {batch_size} and {max_tokens}")
     run_dir = Path(run_dir)
     manifest = _manifest(loaded, max_tokens)
+    _check_run_or_empty(run_dir)  # before creating anything in someone's folder
     with _locked(run_dir):
+        _remove_killed_writes(run_dir)
         _check_or_write_manifest(run_dir, manifest)
         done = _done_documents(run_dir)
         todo = [document for document in documents if document.doc_id not in done]
@@ -233,7 +236,8 @@ def _manifest(loaded: LoadedModel, max_tokens: int) -> RunManifest:
         model_id=loaded.model_id, model_type=loaded.model.config.model_type, num_experts=facts.num_experts,
         top_k=facts.top_k, num_layers=facts.num_layers, layer_ids=facts.layer_ids, scoring=facts.scoring,
         router_class=facts.router_class, shared_experts=facts.shared_experts,
-        encoder_layers=facts.encoder_layers, max_tokens=max_tokens,
+        encoder_layers=facts.encoder_layers, dtype=str(loaded.model.dtype).removeprefix("torch."),
+        quantization=quantization_of(loaded.model), max_tokens=max_tokens,
     )
 
 
@@ -250,28 +254,40 @@ def _locked(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _check_or_write_manifest(run_dir: Path, manifest: RunManifest) -> None:
-    if (run_dir / MANIFEST_NAME).exists():
-        differences = RunManifest.read(run_dir).differences(manifest)
-        if differences:
-            raise RunError(
-                f"{run_dir} was made with another model or token limit ({'; '.join(differences)}, "
-                "run vs now). Resume it with the same model and --max-tokens, or write to a new folder."
-            )
+def _check_run_or_empty(run_dir: Path) -> None:
+    """A run folder is new, empty, or a run (it has a manifest, or only a killed run's files)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"{run_dir} is a file; give a folder for the run")
+    if not run_dir.is_dir() or (run_dir / MANIFEST_NAME).exists():
         return
-    others = [path.name for path in run_dir.iterdir() if path.name != ".lock"]
+    others = sorted(p.name for p in run_dir.iterdir() if p.name not in (".lock", f".{MANIFEST_NAME}.tmp"))
     if others:
         raise RunError(
-            f"{run_dir} is not empty ({', '.join(sorted(others)[:3])}, ...) and is not a moeviz run: "
-            "choose a new or empty folder"
+            f"{run_dir} is not empty ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) and is not "
+            "a moeviz run: choose a new or empty folder"
         )
-    _atomic_write(run_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
+
+
+def _remove_killed_writes(run_dir: Path) -> None:
+    """Temporary files a killed run left: a part or manifest it was writing, never renamed."""
+    for path in [*run_dir.glob(".part-*.parquet.tmp"), *run_dir.glob(f".{MANIFEST_NAME}.tmp")]:
+        path.unlink()
+
+
+def _check_or_write_manifest(run_dir: Path, manifest: RunManifest) -> None:
+    if not (run_dir / MANIFEST_NAME).exists():
+        _atomic_write(run_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
+        return
+    differences = RunManifest.read(run_dir).differences(manifest)
+    if differences:
+        raise RunError(
+            f"{run_dir} was made with another model, dtype or token limit ({'; '.join(differences)}, "
+            "run vs now). Resume it with the same model and --max-tokens, or write to a new folder."
+        )
 
 
 def _done_documents(run_dir: Path) -> set[str]:
-    """Ids of the documents in finished parts; temporary files of a killed run are removed."""
-    for stale in run_dir.glob(".*.tmp"):
-        stale.unlink()
+    """Ids of the documents in the run's finished parts."""
     done: set[str] = set()
     for path in part_paths(run_dir):
         done.update(read_part(path, ["doc_id"])["doc_id"].unique().to_pylist())

@@ -6,7 +6,9 @@ co-activation, cross-layer transitions and Jensen-Shannon divergence between loa
 Sources: GShard (Lepikhin et al. 2020, arXiv:2006.16668), Switch Transformers (Fedus et al.
 2021, arXiv:2101.03961), Mixtral of Experts (Jiang et al. 2024, arXiv:2401.04088, Sec. 5), and
 transformers' `load_balancing_loss_func`. Every function assumes, as every top-k router
-guarantees, that a token's k experts are distinct.
+guarantees, that a token's k experts are distinct. `router_entropy` and `balance_loss` need
+router scores, so they raise `IdsOnlyError` for a trace of expert ids only (from a serving
+engine); everything else is counted from the ids.
 """
 
 from __future__ import annotations
@@ -153,7 +155,9 @@ def repeat_rates_from_ids(topk_ids: np.ndarray, counted: np.ndarray | None = Non
     if counted is not None:
         counted = np.asarray(counted, dtype=bool)
         if counted.shape != (before.shape[1],):
-            raise ValueError(f"counted has shape {counted.shape}; expected one flag per adjacent pair ({before.shape[1]},)")
+            raise ValueError(
+                f"counted has shape {counted.shape}; expected one flag per adjacent pair ({before.shape[1]},)"
+            )
         before, after = before[:, counted], after[:, counted]
     if before.shape[1] == 0:
         raise ValueError("need at least one pair of adjacent tokens to compute repeat rates, got none")

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from moeviz.capture import find_routers, routing_facts
-from moeviz.quantize import QUANTIZATIONS, QuantizationError, load_nf4, parameter_count, storage_bytes
+from moeviz.quantize import QUANTIZATIONS, QuantizationError, load_nf4, parameter_count, quantization_of, storage_bytes
 from moeviz.trace import layer_label
 
 BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
@@ -148,10 +148,12 @@ class ModelSummary:
     router_class: str
     parameter_count: int
     device: str
+    size_bytes: int  # memory the weights take, 4-bit quantization state included
+    quantization: str  # "none", "nf4", ... (quantize.quantization_of)
 
     def rows(self) -> dict[str, str]:
         """The facts as a person reads them, in display order."""
-        dense = self.layers - len(self.moe_layers)
+        dense, size = self.layers - len(self.moe_layers), self.size_bytes
         return {
             "Model": self.model_id,
             "Family": self.family,
@@ -164,6 +166,8 @@ class ModelSummary:
             "Shared experts": f"{self.shared_experts}, always active" if self.shared_experts else "none",
             "Router class": self.router_class,
             "Parameters": f"{self.parameter_count / 1e6:,.1f} M",
+            "Size": f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB",
+            "Quantization": self.quantization,
             "Device": self.device,
         }
 
@@ -184,4 +188,6 @@ def describe_model(loaded: LoadedModel) -> ModelSummary:
         router_class=facts.router_class,
         parameter_count=loaded.parameter_count,
         device=loaded.device,
+        size_bytes=loaded.footprint_bytes,
+        quantization=quantization_of(loaded.model),
     )

@@ -11,9 +11,10 @@ What becomes NF4 (blocks of 64 weights with one absmax each; double quantization
 absmax in 8-bit as well, ~4.13 instead of ~4.5 bits a weight):
 - every `nn.Linear` weight (attention, dense and shared-expert MLPs, lm_head) -> `Linear4bit`;
 - every fused expert parameter, i.e. every floating parameter with 3 or more dimensions
-  (`gate_up_proj`, `down_proj`, `up_proj`, ...) -> bitsandbytes' `replace_parameter_4bit`:
-  stored in 4-bit and dequantized once per forward pass of its experts module, so one layer's
-  experts exist in the compute dtype while that layer runs;
+  (`gate_up_proj`, `down_proj`, `up_proj`, ...) -> a `bitsandbytes.nn.parametrize`
+  parametrization, as `replace_parameter_4bit` sets it up: stored in 4-bit and dequantized once
+  per forward pass of its experts module, so one layer's experts exist in the compute dtype
+  while that layer runs (Mixtral-8x7B: 2.6 GiB in bf16);
 - the token embedding, the same way, and an lm_head tied to it shares its 4-bit storage.
   Embeddings are a large share of small models such as the bundled one, and NF4 moves routing
   very little (tests/test_quant.py measures the agreement).
@@ -26,8 +27,9 @@ Loading streams (`load_nf4`): the model is built on the meta device, then filled
 layer at a time. A layer's tensors are read memory-mapped from the safetensors shards that
 hold them, converted to v5's layout by transformers' own conversion table (the hub's Mixtral
 `block_sparse_moe.experts.{e}.w1/w2/w3` -> fused `mlp.experts.gate_up_proj`/`down_proj`),
-quantized on the target device, and released with their shards before the next layer. The
-peak is the 4-bit model plus about one layer in 16-bit, not the 16-bit model.
+quantized on the target device, and released with their shards before the next one. The
+peak is the 4-bit model plus one to two layers in 16-bit, not the 16-bit model
+(tests/test_quant.py bounds it by two layers and a fixed 96 MiB; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -184,8 +186,8 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, kind: str | None, 
 
 def _quantize_nf4(tensor: torch.Tensor, double_quant: bool):
     """`bitsandbytes.functional.quantize_4bit(tensor, nf4, blocksize 64)`, with the same result,
-    but QUANTIZE_CHUNK weights at a time: bitsandbytes' CPU kernel needs about 16 bytes of
-    scratch per weight, 15 GB for one of Mixtral-8x7B's fused expert tensors."""
+    but QUANTIZE_CHUNK weights at a time: bitsandbytes' CPU kernel needs about 20 bytes of
+    scratch per weight, 19 GB for one of Mixtral-8x7B's fused expert tensors."""
     functional = sys.modules["bitsandbytes"].functional
     flat = tensor.reshape(-1)
     parts = [functional.quantize_4bit(flat[start : start + QUANTIZE_CHUNK], blocksize=BLOCKSIZE, quant_type="nf4")
@@ -291,13 +293,13 @@ def load_nf4(
         for target, transform in layer.items():
             try:
                 converted = transform.convert(target, model=model, config=model.config)
-                while converted:  # pop: each 16-bit tensor is freed as soon as it is placed
-                    name, tensor = converted.popitem()
-                    tensor = tensor[0] if isinstance(tensor, list) else tensor
-                    _place(model, name, tensor, plan.get(name), device=device, dtype=dtype, double_quant=double_quant)
-                    del tensor
             finally:
-                reader.close()
+                reader.close()  # a tensor still viewing a shard keeps that mapping alive until placed
+            while converted:  # pop: each 16-bit tensor is freed as soon as it is placed
+                name, tensor = converted.popitem()
+                tensor = tensor[0] if isinstance(tensor, list) else tensor
+                _place(model, name, tensor, plan.get(name), device=device, dtype=dtype, double_quant=double_quant)
+                del tensor
         _return_freed_memory()
     _tie(model)
     _finish(model, device)
@@ -333,8 +335,9 @@ def _weight_files(directory: Path) -> dict[str, Path]:
 
 
 class _ShardReader:
-    """Reads tensors from safetensors shards, opening each shard on first use. `close()` unmaps
-    them all, so the pages read for one weight leave the process before the next is read."""
+    """Reads tensors from safetensors shards, opening each shard on first use. After `close()`
+    a shard stays mapped only while a tensor read from it is alive, so the pages read for one
+    weight leave the process once it is converted and placed."""
 
     def __init__(self):
         self._stack = ExitStack()

@@ -63,6 +63,8 @@ class RunManifest:
     router_class: str
     shared_experts: int
     encoder_layers: int
+    dtype: str  # of the weights the routers computed in, e.g. "float32"
+    quantization: str  # "none", "nf4", ...: 4-bit weights route slightly differently
     max_tokens: int
 
     def to_json(self) -> str:
@@ -175,7 +177,9 @@ def _domains(table: pa.Table, manifest: RunManifest) -> dict[str, DomainRouting]
     # By domain, then layer, then document, then position: each domain's rows reshape to
     # [layers, tokens] with its documents end to end in every layer.
     order = np.lexsort((position, doc_code, layer_index, domain_code))
-    domain_code, layer_index, doc_code, position, ids = (a[order] for a in (domain_code, layer_index, doc_code, position, ids))
+    domain_code, layer_index, doc_code, position, ids = (
+        a[order] for a in (domain_code, layer_index, doc_code, position, ids)
+    )
     starts = np.searchsorted(domain_code, np.arange(len(domain_names) + 1))
     domains = {}
     for code, name in enumerate(domain_names):
@@ -218,7 +222,8 @@ def domain_loads(run: CorpusRun, choices: int | None = None) -> dict[str, np.nda
     choices = run.manifest.top_k if choices is None else choices
     if not 1 <= choices <= run.manifest.top_k:
         raise ValueError(f"choices must be between 1 and top_k = {run.manifest.top_k}, got {choices}")
-    return {name: metrics.load_from_ids(d.topk_ids[..., :choices], run.manifest.num_experts) for name, d in run.domains.items()}
+    experts = run.manifest.num_experts
+    return {name: metrics.load_from_ids(d.topk_ids[..., :choices], experts) for name, d in run.domains.items()}
 
 
 def domain_js_matrix(loads: dict[str, np.ndarray], layer_index: int) -> np.ndarray:

@@ -26,6 +26,15 @@ class TraceFileError(ValueError):
     """A file that is not a readable moeviz trace."""
 
 
+class IdsOnlyError(ValueError):
+    """A trace without router logits (or weights) asked for something computed from them."""
+
+
+IDS_ONLY = (
+    "this trace has expert ids only (from a serving engine): router probabilities need router logits"
+)
+
+
 def layer_label(layer_id: int, encoder_layers: int = 0) -> str:
     """How people name a layer: "layer 3" in a decoder-only model; "enc 1" or "dec 3", the
     true number within its stack, in an encoder-decoder model whose first `encoder_layers`
@@ -44,6 +53,11 @@ class RoutingTrace:
     topk_ids:      int32[layers, tokens, k]    experts the model actually used, by weight
     topk_weights:  float32[layers, tokens, k]  their mixing weights, as the model applied them
     router_logits: float32[layers, tokens, experts]  raw router outputs before scoring
+
+    A serving engine (vLLM, SGLang: `moeviz.engines`) reports expert ids only: its traces
+    have `topk_weights` and `router_logits` None (`has_weights`, `has_logits`), `engine`
+    names it, and slot 0 is the engine's first slot. Everything counted from ids works;
+    what needs router scores raises `IdsOnlyError`.
 
     `layer_ids` are the true decoder-layer numbers of the MoE layers (dense layers are absent
     from the arrays but counted in `num_layers`). `offsets` are character spans of each token
@@ -70,14 +84,15 @@ class RoutingTrace:
     token_ids: list[int]
     offsets: list[tuple[int, int]]
     topk_ids: np.ndarray
-    topk_weights: np.ndarray
-    router_logits: np.ndarray
+    topk_weights: np.ndarray | None
+    router_logits: np.ndarray | None
     input_token_count: int = -1  # tokens in the whole input before the token limit cut it
     router_class: str = ""
     quantization: str = "none"  # weights as stored: "none", "nf4", "nf4-linear-only" (moeviz.quantize)
     generated_from: int = -1  # index of the first generated token; -1 when nothing was generated
     shared_experts: int = 0  # always-active experts per MoE layer, beside the routed ones
     encoder_layers: int = 0  # layers of an encoder stack numbered first; 0 for a decoder-only model
+    engine: str = ""  # the serving engine that recorded the ids ("vllm", "sglang"); "" for moeviz's own capture
 
     def __post_init__(self):
         if self.input_token_count < 0:
@@ -99,6 +114,8 @@ class RoutingTrace:
             "router_logits": (layers, tokens, self.num_experts),
         }
         for name, shape in expected.items():
+            if name != "topk_ids" and getattr(self, name) is None:
+                continue  # ids only, from a serving engine
             actual = getattr(self, name).shape
             if actual != shape:
                 raise ValueError(f"{name} has shape {actual}, expected [layers, tokens, ...] = {shape}")
@@ -122,8 +139,19 @@ class RoutingTrace:
         return 0 <= self.generated_from < self.num_tokens
 
     @property
+    def has_logits(self) -> bool:
+        return self.router_logits is not None
+
+    @property
+    def has_weights(self) -> bool:
+        return self.topk_weights is not None
+
+    @property
     def router_probs(self) -> np.ndarray:
-        """float32[layers, tokens, experts]: router scores with the model's own scoring function."""
+        """float32[layers, tokens, experts]: router scores with the model's own scoring function.
+        Raises IdsOnlyError for a trace without router logits."""
+        if self.router_logits is None:
+            raise IdsOnlyError(IDS_ONLY)
         logits = self.router_logits.astype(np.float64)
         if self.scoring == "sigmoid":
             probs = 1.0 / (1.0 + np.exp(-logits))
@@ -158,8 +186,11 @@ class RoutingTrace:
     # -- files ---------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """The trace as one safetensors file: arrays as tensors, everything else as JSON."""
-        tensors = {name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAY_FIELDS}
+        """The trace as one safetensors file: arrays as tensors (absent ones left out),
+        everything else as JSON."""
+        tensors = {
+            name: np.ascontiguousarray(getattr(self, name)) for name in _ARRAY_FIELDS if getattr(self, name) is not None
+        }
         meta = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _ARRAY_FIELDS}
         header = {"format": TRACE_FORMAT, "version": str(TRACE_VERSION), "fields": json.dumps(meta)}
         return safetensors.numpy.save(tensors, metadata=header)
@@ -181,7 +212,8 @@ class RoutingTrace:
             tensors = safetensors.numpy.load(data)
             meta = json.loads(header["fields"])
             _check_file_fields(meta, tensors)
-            return cls(**meta, **{name: tensors[name] for name in _ARRAY_FIELDS})
+            return cls(**meta, topk_ids=tensors["topk_ids"],
+                       **{name: tensors.get(name) for name in _ARRAY_FIELDS if name != "topk_ids"})
         except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as error:
             raise TraceFileError(f"This moeviz trace file is damaged: {error}") from error
 
@@ -248,6 +280,8 @@ def _check_file_fields(meta, tensors: dict) -> None:
         if field.name in meta and check is not None and not check(meta[field.name]):
             raise ValueError(f"{field.name} must be {field.type}, got {json.dumps(meta[field.name])[:60]}")
     for name, kinds in _ARRAY_KINDS.items():
+        if name not in tensors and name != "topk_ids":
+            continue  # a trace of expert ids only
         dtype = tensors[name].dtype
         if dtype.kind not in kinds or (kinds == "iu" and not np.can_cast(dtype, np.int64)):
             raise ValueError(f"{name} has dtype {dtype}; expected {'integers' if kinds == 'iu' else 'floats'}")

@@ -186,7 +186,8 @@ def uploaded_trace(key: str) -> RoutingTrace | None:
     except TraceFileError as error:
         st.error(f"{upload.name}: {error}")
         return None
-    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {upload.name}.")
+    engine = f" Expert ids recorded by {ENGINE_NAMES.get(trace.engine, trace.engine)}." if trace.engine else ""
+    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {upload.name}.{engine}")
     show_token_count(trace)
     return trace
 
@@ -203,6 +204,24 @@ def analyse(choice: ModelChoice, text: str) -> RoutingTrace | None:
         return None
     show_token_count(trace)
     return trace
+
+
+ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang"}
+
+
+def router_scores_shown(trace: RoutingTrace, what: str) -> bool:
+    """True when `trace` has the router logits and weights `what` is computed from; otherwise
+    an `st.info` notice in its place says why it is missing, and False. Serving engines
+    (vLLM, SGLang) report expert ids only."""
+    if trace.has_logits and trace.has_weights:
+        return True
+    engine = ENGINE_NAMES.get(trace.engine, trace.engine or "a serving engine")
+    st.info(
+        f"{what} needs router logits and weights, which this trace does not have: it holds the expert ids "
+        f"{engine} reported, and no scores. Load, repeat rates, co-activation and transitions are counted "
+        "from the ids; trace the text with moeviz itself to see router probabilities."
+    )
+    return False
 
 
 def show_token_count(trace: RoutingTrace) -> None:
