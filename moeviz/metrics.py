@@ -111,9 +111,10 @@ def capacity_drops(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
 def dropped_token_share(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
     """float[layers]: share of tokens with at least one assignment dropped at capacity C.
 
-    Assignments are queued in token order t = 0..T-1 and, within a token, slot order 0..k-1;
+    Assignments are queued choice by choice, as GShard (Algorithm 1) and V-MoE dispatch them:
+    every token's first choice in token order t = 0..T-1, then every second choice, and so on;
     an assignment is dropped when its place in its expert's queue is >= C (Switch Transformers,
-    Sec. 2.2: overflow tokens skip the expert).
+    Sec. 2.2: overflow tokens skip the expert). For k = 1 this is plain token order.
     """
     _require_tokens(trace, 1)
     dropped = _queue_positions(trace.topk_ids, trace.num_experts) >= _capacity(trace, capacity_factor)
@@ -262,16 +263,23 @@ def _expert_counts(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
 
 def _queue_positions(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
     """int[layers, tokens, k]: how many assignments the same expert received earlier in the same
-    layer, in (token, slot) order. A stable sort groups each expert's assignments in that order;
-    the place within the group is the queue position."""
+    layer, in (slot, token) order: all first choices before any second choice."""
     layers = topk_ids.shape[0]
-    keys = (np.arange(layers)[:, None, None] * num_experts + topk_ids).ravel()
+    by_choice = topk_ids.transpose(0, 2, 1)  # [layers, k, tokens]
+    keys = (np.arange(layers)[:, None, None] * num_experts + by_choice).ravel()
+    return places_in_queue(keys, layers * num_experts).reshape(by_choice.shape).transpose(0, 2, 1)
+
+
+def places_in_queue(keys: np.ndarray, num_keys: int) -> np.ndarray:
+    """int[n]: for a sequence of queue keys int[n] (e.g. expert ids) in arrival order, how many
+    earlier entries have the same key. A stable sort groups each key's entries in order; the
+    place within the group is the answer."""
     order = np.argsort(keys, kind="stable")
-    counts = np.bincount(keys, minlength=layers * num_experts)
+    counts = np.bincount(keys, minlength=num_keys)
     group_start = np.cumsum(counts) - counts
-    positions = np.empty_like(keys)
-    positions[order] = np.arange(keys.size) - group_start[keys[order]]
-    return positions.reshape(topk_ids.shape)
+    places = np.empty(keys.size, dtype=np.int64)
+    places[order] = np.arange(keys.size) - group_start[keys[order]]
+    return places
 
 
 def _capacity(trace: RoutingTrace, capacity_factor: float) -> int:

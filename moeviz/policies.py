@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numpy.typing import ArrayLike
 
-from moeviz.metrics import expert_capacity
+from moeviz.metrics import expert_capacity, places_in_queue
 from moeviz.trace import RoutingTrace
 
 HASH_METHODS = ("modulo", "random")
@@ -184,7 +184,7 @@ def limit_capacity(assignment: Assignment, capacity: int, priority: ArrayLike | 
     ids = assignment.expert_ids[queue].T  # [slots, tokens in queue order]: first choices first
     waiting = (ids >= 0) & ~assignment.dropped[queue].T
     over = np.zeros(ids.shape, dtype=bool)
-    over[waiting] = _places_in_queue(ids[waiting], assignment.num_experts) >= capacity
+    over[waiting] = places_in_queue(ids[waiting], assignment.num_experts) >= capacity
     dropped = np.empty_like(assignment.dropped)
     dropped[queue] = over.T
     dropped |= assignment.dropped
@@ -427,16 +427,6 @@ def _gate_weights(selected: np.ndarray, normalise: bool) -> np.ndarray:
     if normalise:
         selected = selected / selected.sum(axis=1, keepdims=True)
     return selected.astype(np.float32)
-
-
-def _places_in_queue(experts: np.ndarray, num_experts: int) -> np.ndarray:
-    """For a sequence of expert ids, how many earlier entries went to the same expert."""
-    order = np.argsort(experts, kind="stable")
-    counts = np.bincount(experts, minlength=num_experts)
-    start = np.cumsum(counts) - counts
-    places = np.empty(experts.size, dtype=np.int64)
-    places[order] = np.arange(experts.size) - start[experts[order]]
-    return places
 
 
 def _expert_counts(assignment: Assignment, mask: np.ndarray) -> np.ndarray:

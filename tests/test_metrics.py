@@ -160,9 +160,10 @@ def test_expert_capacity_rejects_non_positive_factor(capacity_factor):
         # (queue t0 t1 t4 | t5): 1/6.
         (1.0, [[2, 0, 0, 0], [0, 0, 1, 0]], [2 / 6, 1 / 6]),
         # C = 1: every expert keeps its first assignment. Drops = counts - 1.
-        # Layer 0 keeps e0 t0, e1 t0, e2 t1(slot 1), e3 t3 -> only t0 keeps both: 5/6.
-        # Layer 1 keeps e1 t0, e2 t0, e3 t1(slot 1), e0 t3 -> again only t0 keeps both: 5/6.
-        (0.5, [[4, 2, 1, 1], [1, 2, 3, 2]], [5 / 6, 5 / 6]),
+        # First choices queue first. Layer 0 keeps e0 t0, e3 t3, e2 t5 (first choices), then
+        # e1 t0 (second) -> only t0 keeps both: 5/6. Layer 1 keeps e1 t0, e2 t1, e3 t2, e0 t3,
+        # all first choices, so every second choice is dropped: 6/6.
+        (0.5, [[4, 2, 1, 1], [1, 2, 3, 2]], [5 / 6, 6 / 6]),
         # C = 6 >= every count: nothing dropped
         (2.0, [[0, 0, 0, 0], [0, 0, 0, 0]], [0, 0]),
     ],
@@ -330,15 +331,17 @@ def test_load_js_matrix_of_layer_loads(skewed):
 
 
 def switch_capacity_loop(topk_ids, num_experts, capacity):
-    """The Switch capacity rule run as the plain loop it describes: tokens in order, each
-    token's slots in order. Returns (drops int[layers, experts], dropped bool[layers, tokens])."""
-    layers, tokens, _ = topk_ids.shape
+    """The GShard capacity rule run as the plain loop it describes: every token's first choice
+    in token order, then every second choice, ... Returns (drops int[layers, experts],
+    dropped bool[layers, tokens])."""
+    layers, tokens, k = topk_ids.shape
     drops = np.zeros((layers, num_experts), dtype=int)
     dropped = np.zeros((layers, tokens), dtype=bool)
     for layer in range(layers):
         kept = np.zeros(num_experts, dtype=int)
-        for t in range(tokens):
-            for expert in topk_ids[layer, t]:
+        for slot in range(k):
+            for t in range(tokens):
+                expert = topk_ids[layer, t, slot]
                 if kept[expert] < capacity:
                     kept[expert] += 1
                 else:

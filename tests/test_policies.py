@@ -265,3 +265,15 @@ def test_bad_parameters_are_refused(call, message):
 def test_an_empty_slot_cannot_carry_weight():
     with pytest.raises(ValueError, match="empty slot"):
         policies.Assignment("broken", 2, np.array([[-1]]), np.array([[0.5]]), np.array([[False]]))
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0, 1.25, 2.0])
+def test_metrics_capacity_drops_agree_with_the_policy_replay(capacity_factor):
+    # The Analyse page's "dropped at 1.25" (metrics) and the Routing lab (policies) queue
+    # assignments the same way: first choices of all tokens, then second choices.
+    rng = np.random.default_rng(1)
+    scores = rng.dirichlet(np.full(6, 0.3), size=40).astype(np.float32)
+    real = policies.top_k(scores, 2)
+    trace = make_trace(real.expert_ids[None], router_logits=np.log(scores)[None], topk_weights=real.weights[None])
+    replay = policies.top_k_capacity(scores, 2, capacity_factor, order="token")
+    assert metrics.dropped_token_share(trace, capacity_factor)[0] == pytest.approx(policies.dropped_token_share(replay))
