@@ -125,7 +125,7 @@ def _series_color(index: int) -> str:
     return _SERIES_COLORS[index % len(_SERIES_COLORS)]
 
 
-def _expert_axis(num_experts: int) -> dict:
+def expert_axis(num_experts: int) -> dict:
     """A numeric expert axis: every tick for few experts, Plotly's sparse ticks for many."""
     axis = dict(title=dict(text="expert"), zeroline=False)
     if num_experts <= _ALL_TICKS_UP_TO:
@@ -208,7 +208,7 @@ def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
         title=dict(text=f"Router scores, {trace.layer_label(layer_id)}",
                    subtitle=dict(text=shared_experts_note(trace.shared_experts))),
         xaxis=xaxis,
-        yaxis=dict(_expert_axis(num_experts), range=[num_experts - 0.5, -0.5]),  # expert 0 on top
+        yaxis=dict(expert_axis(num_experts), range=[num_experts - 0.5, -0.5]),  # expert 0 on top
         height=min(900, 360 + 8 * num_experts),
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
     )
@@ -299,7 +299,7 @@ def _as_load(load, name: str = "load") -> np.ndarray:
 def _load_layout(fig: go.Figure, num_experts: int, title: str, shared_experts: int = 0) -> go.Figure:
     fig.update_layout(
         title=dict(text=title, subtitle=dict(text=shared_experts_note(shared_experts))),
-        xaxis=dict(_expert_axis(num_experts), range=[-0.5, num_experts - 0.5]),
+        xaxis=dict(expert_axis(num_experts), range=[-0.5, num_experts - 0.5]),
         yaxis=dict(title=dict(text="expert load"), rangemode="tozero"),
         bargap=0.15 if num_experts <= 64 else 0.05,
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
@@ -394,7 +394,7 @@ def layer_load_heatmap(trace: RoutingTrace, load, uniform: float) -> go.Figure:
     )
     fig.update_layout(
         title=dict(text="Expert load by layer", subtitle=dict(text=shared_experts_note(trace.shared_experts))),
-        xaxis=_expert_axis(trace.num_experts),
+        xaxis=expert_axis(trace.num_experts),
         yaxis=dict(title=dict(text="layer"), autorange="reversed", type="category"),
         height=min(1200, 260 + 20 * trace.num_layers),
     )
@@ -479,8 +479,8 @@ def coactivation_heatmap(matrix) -> go.Figure:
     )
     fig.update_layout(
         title=dict(text="Experts chosen together"),
-        xaxis=_expert_axis(num_experts),
-        yaxis=dict(_expert_axis(num_experts), autorange="reversed", scaleanchor="x"),
+        xaxis=expert_axis(num_experts),
+        yaxis=dict(expert_axis(num_experts), autorange="reversed", scaleanchor="x"),
     )
     return fig
 

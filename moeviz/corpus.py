@@ -208,11 +208,11 @@ def run_corpus(
         raise ValueError(f"batch_size and max_tokens must be at least 1, got {batch_size} and {max_tokens}")
     run_dir = Path(run_dir)
     manifest = _manifest(loaded, max_tokens)
-    _check_run_or_empty(run_dir)  # before creating anything in someone's folder
-    with _locked(run_dir):
-        _remove_killed_writes(run_dir)
-        _check_or_write_manifest(run_dir, manifest)
-        done = _done_documents(run_dir)
+    check_run_or_empty(run_dir)  # before creating anything in someone's folder
+    with locked(run_dir):
+        remove_killed_writes(run_dir)
+        check_or_write_manifest(run_dir, manifest)
+        done = done_documents(run_dir)
         todo = [document for document in documents if document.doc_id not in done]
         next_part = max((int(path.stem.split("-")[1]) for path in part_paths(run_dir)), default=-1) + 1
         tokens = truncated = parts = 0
@@ -222,7 +222,7 @@ def run_corpus(
             for number, batch in enumerate(_length_sorted_batches(todo, batch_size), start=next_part):
                 traces = trace_batch(loaded.model, loaded.tokenizer, [d.text for d in batch],
                                      model_id=loaded.model_id, max_tokens=max_tokens)
-                _write_part(run_dir / f"part-{number:05d}.parquet", _table(batch, traces))
+                write_part(run_dir / f"part-{number:05d}.parquet", _table(batch, traces))
                 tokens += sum(trace.num_tokens for trace in traces)
                 truncated += sum(trace.truncated for trace in traces)
                 parts += 1
@@ -242,7 +242,7 @@ def _manifest(loaded: LoadedModel, max_tokens: int) -> RunManifest:
 
 
 @contextmanager
-def _locked(run_dir: Path) -> Iterator[None]:
+def locked(run_dir: Path) -> Iterator[None]:
     """Hold the run's lock file: two processes appending to one run would trace documents
     twice. The kernel drops the lock when its process dies, even by SIGKILL."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def _locked(run_dir: Path) -> Iterator[None]:
         yield
 
 
-def _check_run_or_empty(run_dir: Path) -> None:
+def check_run_or_empty(run_dir: Path) -> None:
     """A run folder is new, empty, or a run (it has a manifest, or only a killed run's files)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunError(f"{run_dir} is a file; give a folder for the run")
@@ -268,13 +268,13 @@ def _check_run_or_empty(run_dir: Path) -> None:
         )
 
 
-def _remove_killed_writes(run_dir: Path) -> None:
+def remove_killed_writes(run_dir: Path) -> None:
     """Temporary files a killed run left: a part or manifest it was writing, never renamed."""
     for path in [*run_dir.glob(".part-*.parquet.tmp"), *run_dir.glob(f".{MANIFEST_NAME}.tmp")]:
         path.unlink()
 
 
-def _check_or_write_manifest(run_dir: Path, manifest: RunManifest) -> None:
+def check_or_write_manifest(run_dir: Path, manifest: RunManifest) -> None:
     if not (run_dir / MANIFEST_NAME).exists():
         _atomic_write(run_dir / MANIFEST_NAME, lambda tmp: tmp.write_text(manifest.to_json(), encoding="utf-8"))
         return
@@ -286,7 +286,7 @@ def _check_or_write_manifest(run_dir: Path, manifest: RunManifest) -> None:
         )
 
 
-def _done_documents(run_dir: Path) -> set[str]:
+def done_documents(run_dir: Path) -> set[str]:
     """Ids of the documents in the run's finished parts."""
     done: set[str] = set()
     for path in part_paths(run_dir):
@@ -305,15 +305,15 @@ def _length_sorted_batches(documents: list[Document], batch_size: int) -> Iterat
 
 
 def _table(documents: list[Document], traces: list[RoutingTrace]) -> pa.Table:
-    return pa.concat_tables(_document_table(document, trace) for document, trace in zip(documents, traces))
+    return pa.concat_tables(document_table(document, trace) for document, trace in zip(documents, traces))
 
 
-def _document_table(document: Document, trace: RoutingTrace) -> pa.Table:
-    """One row per (token, MoE layer), token by token, each token's layers in order."""
+def document_table(document: Document, trace: RoutingTrace) -> pa.Table:
+    """One row per (token, MoE layer), token by token, each token's layers in order; null
+    topk_weights for a trace with expert ids only (from a serving engine)."""
     tokens, layers = trace.num_tokens, len(trace.layer_ids)
     rows = tokens * layers
     ids = trace.topk_ids.transpose(1, 0, 2).reshape(rows, -1)  # [tokens * layers, k]
-    weights = trace.topk_weights.transpose(1, 0, 2).reshape(rows, -1)
     offsets = pa.array(np.arange(0, ids.size + 1, ids.shape[1], dtype=np.int32))
     return pa.table({
         "doc_id": pa.repeat(pa.scalar(document.doc_id, pa.string()), rows),
@@ -323,11 +323,18 @@ def _document_table(document: Document, trace: RoutingTrace) -> pa.Table:
         "token_id": np.repeat(np.asarray(trace.token_ids, dtype=np.int32), layers),
         "layer": np.tile(np.asarray(trace.layer_ids, dtype=np.int32), tokens),
         "topk_ids": pa.ListArray.from_arrays(offsets, pa.array(ids.ravel().astype(np.int32))),
-        "topk_weights": pa.ListArray.from_arrays(offsets, pa.array(weights.ravel().astype(np.float32))),
+        "topk_weights": _weights_column(trace, offsets, rows),
     }, schema=ROW_SCHEMA)
 
 
-def _write_part(path: Path, table: pa.Table) -> None:
+def _weights_column(trace: RoutingTrace, offsets: pa.Array, rows: int) -> pa.Array:
+    if trace.topk_weights is None:
+        return pa.nulls(rows, pa.list_(pa.float32()))
+    weights = trace.topk_weights.transpose(1, 0, 2).reshape(rows, -1)
+    return pa.ListArray.from_arrays(offsets, pa.array(weights.ravel().astype(np.float32)))
+
+
+def write_part(path: Path, table: pa.Table) -> None:
     _atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 

@@ -55,7 +55,7 @@ def trace_generation(
     budget = min(sampling.max_new_tokens, max_tokens - len(prompt_tokens.ids))
     with recording_routers(model) as collector, torch.inference_mode():
         new_ids = _generate(model, prompt_tokens.ids, budget, sampling, tokenizer.eos_token_id)
-    tokenized, text = _with_generation(tokenizer, prompt, prompt_tokens, new_ids)
+    tokenized, text = with_generation(tokenizer, prompt, prompt_tokens, new_ids)
     trace = build_trace(model, tokenized, text, collector, model_id=model_id)
     return dataclasses.replace(trace, generated_from=len(prompt_tokens.ids))
 
@@ -86,7 +86,7 @@ def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _with_generation(tokenizer, prompt: str, prompt_tokens: Tokenized, new_ids: list[int]):
+def with_generation(tokenizer, prompt: str, prompt_tokens: Tokenized, new_ids: list[int]):
     """Tokens, ids and character offsets of prompt + generation in the text they spell.
 
     Generated tokens have no offsets from the tokenizer; each one spans the characters its

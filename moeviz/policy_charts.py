@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from numpy.typing import ArrayLike
 
 from moeviz import policies
-from moeviz.charts import _expert_axis, expert_colors, token_label
+from moeviz.charts import expert_axis, expert_colors, token_label
 from moeviz.policies import Assignment
 
 MODEL_COLOR = "#7f7f7f"
@@ -73,7 +73,7 @@ def policy_load_chart(reference: Assignment, policy: Assignment) -> go.Figure:
     fig.update_layout(
         title=dict(text="Expert load: share of tokens each expert processes"),
         barmode="group",
-        xaxis=dict(_expert_axis(policy.num_experts), range=[-0.5, policy.num_experts - 0.5]),
+        xaxis=dict(expert_axis(policy.num_experts), range=[-0.5, policy.num_experts - 0.5]),
         yaxis=dict(title=dict(text="share of tokens"), rangemode="tozero"),
         legend=_LEGEND,
     )
@@ -157,7 +157,7 @@ def bias_chart(bias: ArrayLike) -> go.Figure:
                            hovertemplate="expert %{x}<br>bias %{y:+.4f}<extra></extra>"))
     fig.update_layout(
         title=dict(text="Final bias per expert (added to the scores for selection only)"),
-        xaxis=dict(_expert_axis(bias.size), range=[-0.5, bias.size - 0.5]),
+        xaxis=dict(expert_axis(bias.size), range=[-0.5, bias.size - 0.5]),
         yaxis=dict(title=dict(text="bias b_i")),
     )
     return fig

@@ -14,7 +14,6 @@ from moeviz import charts, metrics
 from moeviz.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.generation import Sampling, trace_generation
 from moeviz.models import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
-from moeviz.quantize import quantization_of
 from moeviz.trace import RoutingTrace, TraceFileError
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
@@ -94,19 +93,14 @@ def model_sidebar() -> ModelChoice | None:
 
 def show_model_summary(loaded: LoadedModel) -> None:
     summary = describe_model(loaded)
+    facts = summary.rows()
     shared = f" + {summary.shared_experts} shared" if summary.shared_experts else ""
+    storage = f" ({summary.quantization})" if summary.quantization != "none" else ""
     st.caption(
         f"**{summary.model_id}** · {summary.family} · {summary.layers} layers ({len(summary.moe_layers)} MoE) · "
-        f"{summary.experts} experts{shared}, top-{summary.top_k} · "
-        f"{summary.parameter_count / 1e6:,.1f} M parameters · {_weight_footprint(loaded)} · {summary.device}"
+        f"{summary.experts} experts{shared}, top-{summary.top_k} · {facts['Parameters']} parameters · "
+        f"{facts['Size']} of weights{storage} · {summary.device}"
     )
-
-
-def _weight_footprint(loaded: LoadedModel) -> str:
-    """e.g. "26.1 GiB of weights (nf4)": the memory the weights take, quantization state included."""
-    size, storage = loaded.footprint_bytes, quantization_of(loaded.model)
-    amount = f"{size / 2**30:,.1f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB"
-    return f"{amount} of weights" + (f" ({storage})" if storage != "none" else "")
 
 
 def model_summary(choice: ModelChoice) -> ModelSummary:

@@ -25,7 +25,7 @@ def mixtral_dir(tmp_path_factory, tiny_mixtral, tokenizer):
 
 def test_local_checkpoint_loads_on_cpu_and_routes_like_the_original(offline, mixtral_dir, tiny_mixtral, tokenizer):
     loaded = load_model(mixtral_dir)
-    assert loaded.device == "cpu" and loaded.model_id == "tiny-mixtral0"
+    assert loaded.device == "cpu" and loaded.model_id == mixtral_dir.name
     assert loaded.parameter_count == sum(p.numel() for p in tiny_mixtral.parameters())
     text = "The quick brown fox"
     original = trace_text(tiny_mixtral, tokenizer, text)
