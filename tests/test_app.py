@@ -1,0 +1,160 @@
+"""Every page runs headless under AppTest on the default model and shows real numbers."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from moeviz import metrics
+from moeviz.capture import trace_text
+from moeviz.generation import Sampling, trace_generation
+from moeviz.models import load_model
+from moeviz.ui import default_model_source, presets
+
+TIMEOUT = 300
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(default_model_source())
+
+
+def run_page(page: str | None = None) -> AppTest:
+    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    app.run()
+    if page:
+        app.switch_page(page)
+        app.run()
+    assert not app.exception, [e.message for e in app.exception]
+    return app
+
+
+def token_counts(app: AppTest) -> list[int]:
+    captions = [c.value for c in app.caption]
+    return [int(m.group(1).replace(",", "")) for c in captions if (m := re.match(r"([\d,]+) tokens", c))]
+
+
+def test_analyse_page_shows_the_token_count_of_the_preset(model):
+    app = run_page()
+    expected = trace_text(model.model, model.tokenizer, presets()["english"]).num_tokens
+    assert token_counts(app) == [expected]
+    assert app.text_area(key="analyse_text").value == presets()["english"]
+
+
+def test_analyse_page_follows_typed_text_and_layer_slider(model):
+    app = run_page()
+    text = "<script>alert(1)</script> hello world"
+    app.text_area(key="analyse_text").set_value(text).run()
+    assert not app.exception
+    trace = trace_text(model.model, model.tokenizer, text)
+    assert token_counts(app) == [trace.num_tokens]
+    slider = app.select_slider[0]
+    slider.set_value(trace.layer_ids[-1]).run()
+    assert not app.exception
+    assert any(f"layer {trace.layer_ids[-1]}" in h.value for h in app.subheader)
+
+
+def test_empty_text_gives_a_hint_not_an_error():
+    app = run_page()
+    app.text_area(key="analyse_text").set_value("   \n ").run()
+    assert not app.exception and not app.error
+    assert any("Paste or type some text" in i.value for i in app.info)
+
+
+def test_compare_layers_page(model):
+    app = run_page("app_pages/compare_layers.py")
+    expected = trace_text(model.model, model.tokenizer, presets()["python"]).num_tokens
+    assert token_counts(app) == [expected]
+    assert any("transitions" in h.value for h in app.subheader)
+
+
+def test_compare_prompts_page(model):
+    app = run_page("app_pages/compare_prompts.py")
+    expected = [trace_text(model.model, model.tokenizer, presets()[name]).num_tokens
+                for name in ("english", "python", "math")]
+    assert token_counts(app) == expected
+    assert any("Jensen" in h.value for h in app.subheader)
+
+
+def test_missing_model_is_reported_and_the_app_keeps_running(tmp_path):
+    app = run_page()
+    app.sidebar.text_input(key="model_source").set_value(str(tmp_path / "no-model")).run()
+    assert not app.exception
+    assert any("No model directory" in e.value for e in app.error)
+
+
+def plotly_specs(app: AppTest) -> list[str]:
+    return [chart.proto.spec for chart in app.get("plotly_chart")]
+
+
+def test_uploaded_trace_file_reproduces_the_same_charts(model):
+    text_app = run_page()
+    trace = trace_text(model.model, model.tokenizer, presets()["english"], model_id=model.model_id)
+
+    file_app = run_page()
+    file_app.radio(key="analyse_text_source").set_value("Trace file").run()
+    file_app.get("file_uploader")[0].set_value(("english.safetensors", trace.to_bytes(), "application/octet-stream"))
+    file_app.run()
+    assert not file_app.exception
+    assert token_counts(file_app) == [trace.num_tokens]
+    specs = plotly_specs(file_app)
+    assert len(specs) == 4 and specs == plotly_specs(text_app)
+
+
+def test_malformed_trace_file_is_reported_and_the_app_keeps_running():
+    app = run_page()
+    app.radio(key="analyse_text_source").set_value("Trace file").run()
+    app.get("file_uploader")[0].set_value(("broken.safetensors", b"\x10\x00\x00\x00garbage", "application/octet-stream"))
+    app.run()
+    assert not app.exception
+    assert any("broken.safetensors" in e.value and "not a moeviz trace" in e.value for e in app.error)
+    app.radio(key="analyse_text_source").set_value("Text").run()
+    assert not app.exception and token_counts(app)
+
+
+def test_generation_mode_marks_generated_tokens(model):
+    app = run_page()
+    app.radio(key="analyse_text_source").set_value("Generate from a prompt").run()
+    app.number_input(key="analyse_text_new_tokens").set_value(5).run()
+    assert not app.exception
+    prompt = app.text_area(key="analyse_text_prompt").value
+    expected = trace_generation(model.model, model.tokenizer, prompt, Sampling(max_new_tokens=5))
+    generated = expected.num_tokens - expected.generated_from  # fewer than 5 if it ends the text
+    assert any(c.value == f"{generated} tokens generated (marked in the charts)." for c in app.caption)
+    assert "moeviz-generated" in app.get("html")[0].proto.body
+
+
+def test_domains_page_shows_fig7_loads_and_table5_rates(model):
+    app = run_page("app_pages/domains.py")
+    traces = {d: trace_text(model.model, model.tokenizer, text) for d, text in presets().items()}
+    summary = next(c.value for c in app.caption if c.value.endswith("tokens") and "domains" in c.value)
+    for domain, trace in traces.items():
+        assert f"{domain}: {trace.num_tokens:,} tokens" in summary
+
+    [loads_spec] = [json.loads(c.proto.spec) for c in app.get("plotly_chart")][:1]
+    first_layer = next(iter(traces.values())).layer_ids[0]
+    bars = {bar["name"]: bar["y"] for bar in loads_spec["data"] if bar["type"] == "bar"}
+    for domain, trace in traces.items():
+        expected = metrics.expert_load(trace, 1)[trace.layer_index(first_layer)]
+        assert np.allclose(decode_plotly_array(bars[domain]), expected)
+
+    table = app.dataframe[0].value
+    english = traces["english"]
+    rates = metrics.repeat_rates(english)
+    row = table[(table.domain == "english") & (table.layer == english.layer_ids[-1])].iloc[0]
+    assert row["same first choice"] == pytest.approx(rates.same_first[-1])
+    assert row["any shared expert"] == pytest.approx(rates.any_shared[-1])
+
+
+def decode_plotly_array(value):
+    """Plotly serialises numpy arrays as {"dtype", "bdata"} (base64) in figure JSON."""
+    if isinstance(value, dict):
+        return np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+    return np.asarray(value)
