@@ -143,12 +143,17 @@ def run_worker(variant: str, path: Path, rounds: int, tokens: int) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def test_models():
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_quant
+
+    return test_quant
+
+
 def write_test_checkpoint(path: Path) -> int:
     """The hub-layout Mixtral of tests/test_quant.py's peak-memory test: 8 layers, ~306 MiB in bf16."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_quant import PEAK_CONFIG, write_hub_mixtral
-
-    return write_hub_mixtral(path, PEAK_CONFIG)
+    tests = test_models()
+    return tests.write_hub_mixtral(path, tests.PEAK_CONFIG)
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -190,7 +195,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp)
         sixteen_bit_file = write_test_checkpoint(checkpoint)
-        models = {"Mixtral-8x7B (shapes only)": MIXTRAL_8X7B, "test checkpoint (8-layer Mixtral)": AutoConfig.from_pretrained(checkpoint)}
+        models = {"Mixtral-8x7B (shapes only)": MIXTRAL_8X7B, "test checkpoint (8-layer Mixtral)": AutoConfig.from_pretrained(checkpoint),
+                  "tiny Mixtral of tests/test_quant.py": MixtralConfig(**test_models().MIXTRAL)}
         paths = {"test checkpoint (8-layer Mixtral)": checkpoint}
         if (BUNDLED_MODEL / "model.safetensors").is_file():
             models["bundled model"] = AutoConfig.from_pretrained(BUNDLED_MODEL)

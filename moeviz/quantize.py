@@ -454,7 +454,8 @@ def planned_bytes(model: nn.Module, plan: dict[str, str], dtype: torch.dtype, do
 
 
 def largest_layer_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of the largest decoder layer's weights in `dtype`."""
+    """Bytes of the largest decoder layer's weights in `dtype`, for a model not quantized yet
+    (e.g. on the meta device: a 4-bit parameter would count its packed bytes as weights)."""
     sizes = defaultdict(int)
     for name, param in model.named_parameters():
         sizes[_layer_number(name)] += param.numel() * dtype.itemsize
