@@ -68,6 +68,7 @@ def _is_byte_level(tokenizer) -> bool:
     return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
 
 
+@lru_cache(maxsize=1 << 18)  # pieces come from a vocabulary: a text repeats most of them
 def _byte_level_text(piece: str) -> str:
     decoder = _byte_decoder()
     if not all(char in decoder for char in piece):

@@ -1,0 +1,382 @@
+"""The app as a person uses it: the real server (`streamlit run`), Debian's Chromium driven by
+Playwright, text pasted and sliders moved, and what the page shows compared with what the
+library computes for the same text, on the default model. Screenshots land in test-artifacts/.
+The machinery (server, browser, a tab that waits for its runs) is in browser.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import moeviz.ui
+from browser import ARTIFACTS, AppFailed, AppPage, chromium, running_app
+from hostile import BLANK_TEXTS, HOSTILE_TEXTS, TokenView, long_text
+from moeviz import charts, metrics
+from moeviz.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.models import load_model
+from moeviz.trace import RoutingTrace
+from moeviz.ui import default_model_source, presets
+
+pytestmark = pytest.mark.e2e
+
+SESSIONS = 8
+
+
+# -- the server and the browser --------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model():
+    return load_model(default_model_source())
+
+
+@pytest.fixture(scope="session")
+def server() -> str:
+    """The app on the environment's default model (MOEVIZ_MODEL, else the bundled one)."""
+    log = ARTIFACTS / "server.log"
+    try:
+        with running_app(log) as url:
+            yield url
+    except AppFailed as error:
+        pytest.fail(str(error))
+    errors = [line for line in log.read_text(errors="replace").splitlines() if "Traceback" in line]
+    assert not errors, f"the server logged errors (see {log}): {errors[:5]}"
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    try:
+        with chromium(tmp_path_factory.mktemp("chromium-profile")) as context:
+            yield context
+    except AppFailed as error:
+        pytest.fail(str(error))
+
+
+@pytest.fixture()
+def tab(browser, server):
+    page = browser.new_page()
+    app = AppPage(page, server)
+    yield app
+    app.assert_inert()
+    page.close()
+
+
+# -- expected values, from the library ------------------------------------------------------------
+
+
+def expected_trace(model, text: str) -> RoutingTrace:
+    return trace_text(model.model, model.tokenizer, text, model_id=model.model_id, max_tokens=DEFAULT_MAX_TOKENS)
+
+
+def rgb(color: str) -> str:
+    return "rgb({}, {}, {})".format(*(int(color[i : i + 2], 16) for i in (1, 3, 5)))
+
+
+def assert_routing_shown(app: AppPage, trace: RoutingTrace, layer: int) -> None:
+    """The Analyse page shows `trace` at `layer`: token view, router scores, expert load."""
+    index = trace.layer_index(layer)
+    assert app.token_counts() == [trace.num_tokens]
+    assert any(heading.endswith(f"· layer {layer}") for heading in app.subheaders())
+
+    shown = app.token_view()
+    assert [text for text, _, _ in shown] == TokenView(charts.token_view_html(trace, layer)).tokens
+    colors = charts.expert_colors(trace.num_experts)
+    assert [color for _, _, color in shown] == [rgb(colors[e]) for e in trace.first_choice[index]]
+    picks = [[(int(e), float(w)) for e, w in re.findall(r"expert (\d+): ([\d.]+)", title)] for _, title, _ in shown]
+    np.testing.assert_array_equal([[e for e, _ in row] for row in picks], trace.topk_ids[index])
+    np.testing.assert_allclose([[w for _, w in row] for row in picks], trace.topk_weights[index], atol=0.006)
+
+    figures = app.figures()
+    scores, chosen = figures["probabilities"]
+    np.testing.assert_allclose(scores["z"], trace.router_probs[index].T, atol=1e-4)
+    np.testing.assert_array_equal(chosen["y"], trace.topk_ids[index].reshape(-1))
+    bars = figures["expert_load"][0]
+    np.testing.assert_allclose(bars["y"], metrics.expert_load(trace, 1)[index], atol=1e-9)
+
+
+# -- pages -------------------------------------------------------------------------------------------
+
+
+def test_analyse_page_shows_the_routing_of_the_default_preset(tab, model):
+    tab.open()
+    trace = expected_trace(model, presets()["english"])
+    assert tab.text_value("analyse_text") == presets()["english"]
+    assert_routing_shown(tab, trace, trace.layer_ids[0])
+    legend = tab.page.locator(".moeviz-legend .moeviz-swatch").all_inner_texts()
+    assert legend == [f"expert {e}" for e in np.unique(trace.first_choice[0])]
+    tab.screenshot("analyse")
+
+
+def test_pasted_text_and_layer_slider(tab, model, server):
+    tab.page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
+    tab.open()
+    text = presets()["python"][:600] + "\nIch kopiere auch etwas Deutsch hinein: Grüße! 👋"
+    tab.paste_text("analyse_text", text)
+    assert tab.text_value("analyse_text") == text
+    trace = expected_trace(model, text)
+    assert_routing_shown(tab, trace, trace.layer_ids[0])
+
+    slider = tab.page.get_by_role("slider", name="Layer")
+    tab.act(lambda: slider.press("End"))
+    assert_routing_shown(tab, trace, trace.layer_ids[-1])
+    if len(trace.layer_ids) > 2:
+        tab.act(lambda: slider.press("ArrowLeft"))
+        assert_routing_shown(tab, trace, trace.layer_ids[-2])
+    tab.screenshot("analyse-pasted-text-last-layers")
+
+
+def test_compare_layers_page(tab, model):
+    tab.open("compare_layers")
+    trace = expected_trace(model, presets()["python"])
+    assert tab.token_counts() == [trace.num_tokens]
+    figures = tab.figures()
+
+    (heatmap,) = figures["layer_load"]
+    expected = np.full((trace.num_layers, trace.num_experts), np.nan)
+    expected[trace.layer_ids] = metrics.expert_load(trace)
+    np.testing.assert_allclose(heatmap["z"], expected, atol=1e-9)
+
+    chosen = sorted({trace.layer_ids[0], trace.layer_ids[-1]})
+    if len(chosen) > 1:
+        bars = figures["layer_loads"]
+        assert [bar["name"] for bar in bars[: len(chosen)]] == [f"layer {n}" for n in chosen]
+        for bar, layer in zip(bars, chosen):
+            np.testing.assert_allclose(bar["y"], metrics.expert_load(trace)[trace.layer_index(layer)], atol=1e-9)
+        (sankey,) = figures["layer_transitions"]
+        a, b = (trace.layer_index(n) for n in chosen)
+        counts = metrics.layer_transitions(trace, a, b)
+        assert sum(sankey["link"]["value"]) == trace.num_tokens == counts.sum()
+        labels = sankey["node"]["label"]
+        shown = {(labels[s], labels[t]): v for s, t, v in
+                 zip(sankey["link"]["source"], sankey["link"]["target"], sankey["link"]["value"])}
+        assert shown == {(f"L{chosen[0]} e{i}", f"L{chosen[1]} e{j}"): int(counts[i, j])
+                         for i, j in zip(*np.nonzero(counts))}
+    tab.screenshot("compare-layers")
+
+
+def test_compare_prompts_page(tab, model):
+    tab.open("compare_prompts")
+    names = ["english", "python", "math"]
+    traces = [expected_trace(model, presets()[name]) for name in names]
+    assert tab.token_counts() == [trace.num_tokens for trace in traces]
+    figures = tab.figures()
+    layer = traces[0].layer_ids[0]
+    loads = [metrics.expert_load(trace)[trace.layer_index(layer)] for trace in traces]
+    bars = figures["prompt_loads"]
+    assert [bar["name"] for bar in bars[:3]] == ["text 1", "text 2", "text 3"]
+    for bar, load in zip(bars, loads):
+        np.testing.assert_allclose(bar["y"], load, atol=1e-9)
+    (divergence,) = figures["prompt_js"]
+    np.testing.assert_allclose(divergence["z"], metrics.load_js_matrix(loads), atol=1e-9)
+    tab.screenshot("compare-prompts")
+
+
+def test_every_page_opens_and_draws(tab):
+    """Every page in the navigation, whichever exist: no exception, every chart drawn."""
+    tab.open()
+    links = tab.page.locator('[data-testid="stSidebarNav"] a')
+    titles = links.all_inner_texts()
+    assert {"Analyse text", "Compare layers", "Compare prompts"} <= set(titles)
+    for number, title in enumerate(titles):
+        if number:
+            tab.act(lambda: links.nth(number).click())
+        assert tab.page.locator("h1").first.inner_text(), title
+        tab.screenshot(f"page-{number}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}")
+
+
+# -- hostile input, one session through all of it ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_tab(browser, server):
+    """One session for every hostile text: each case also proves the previous one left the
+    app serving."""
+    browser.grant_permissions(["clipboard-read", "clipboard-write"], origin=server)
+    page = browser.new_page()
+    app = AppPage(page, server).open()
+    yield app
+    page.close()
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_TEXTS))
+def test_hostile_text_is_analysed_and_shown_literally(hostile_tab, model, name):
+    text = HOSTILE_TEXTS[name]
+    hostile_tab.enter_text("analyse_text", text)
+    sent = hostile_tab.text_value("analyse_text")
+    assert sent == text.replace("\r\n", "\n")  # a text area keeps line feeds only (HTML spec)
+    trace = expected_trace(model, sent)
+    assert_routing_shown(hostile_tab, trace, trace.layer_ids[0])
+    assert not hostile_tab.alerts()
+    view = hostile_tab.page.locator(".moeviz-token-view").inner_text()
+    for literal in re.findall(r"<[^>]*>", text):  # markup shows as the characters typed
+        assert literal.replace(" ", "") in view.replace(" ", "").replace("␣", ""), literal
+    # The heatmap's token ticks are drawn as text, never as Plotly's own markup.
+    ticks = hostile_tab.page.locator(".st-key-probabilities .xtick text").all_text_contents()
+    if trace.num_tokens <= charts.MAX_TOKEN_TICKS:
+        expected = [t.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&").replace("&#36;", "$")
+                    for t in charts.probability_heatmap(trace, trace.layer_ids[0]).layout.xaxis.ticktext]
+        assert ticks == expected
+    hostile_tab.page.wait_for_timeout(300)  # time for an injected onerror handler to fire
+    hostile_tab.assert_inert()
+    hostile_tab.screenshot(f"hostile-{name}")
+
+
+def test_lone_surrogate_arrives_as_replacement_character(hostile_tab, model):
+    # A str can hold half a UTF-16 pair; the browser's text area turns it into U+FFFD.
+    hostile_tab.enter_text("analyse_text", "half a pair: \ud83d here")
+    sent = hostile_tab.text_value("analyse_text")
+    assert sent == "half a pair: \ufffd here"
+    assert_routing_shown(hostile_tab, expected_trace(model, sent), expected_trace(model, sent).layer_ids[0])
+
+
+@pytest.mark.parametrize("name", list(BLANK_TEXTS))
+def test_blank_text_asks_for_text(hostile_tab, name):
+    hostile_tab.enter_text("analyse_text", BLANK_TEXTS[name])
+    assert hostile_tab.token_counts() == []
+    assert [a for a in hostile_tab.alerts() if "Paste or type some text" in a]
+    assert not hostile_tab.page.locator(".js-plotly-plot").count()
+    hostile_tab.assert_inert()
+
+
+def test_long_text_is_cut_with_a_notice(hostile_tab, model):
+    text = long_text()
+    hostile_tab.paste_text("analyse_text", text)  # typing 200,000 characters takes a person a while
+    assert len(hostile_tab.text_value("analyse_text")) == len(text)
+    total = len(model.tokenizer(text)["input_ids"])
+    assert hostile_tab.token_counts() == [DEFAULT_MAX_TOKENS]
+    assert hostile_tab.alerts() == [f"The text has {total:,} tokens; only the first {DEFAULT_MAX_TOKENS:,} were "
+                                    "analysed (the token limit is in the sidebar)."]
+    assert len(hostile_tab.token_view()) == DEFAULT_MAX_TOKENS
+    hostile_tab.screenshot("hostile-200000-characters")
+
+
+# -- bad models and trace files ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory, model) -> dict[str, tuple[Path, str]]:
+    """Folders a person might type as the model, with what the sidebar must say."""
+    root = tmp_path_factory.mktemp("bad-models")
+    dense = root / "dense-llama"
+    config = LlamaConfig(vocab_size=len(model.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(dense)
+    model.tokenizer.save_pretrained(dense)
+    corrupt = root / "corrupt"
+    model.model.save_pretrained(corrupt)
+    model.tokenizer.save_pretrained(corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    return {
+        "missing": (root / "no-such-model", "No model directory at"),
+        "dense": (dense, "has no MoE routers"),
+        "corrupt": (corrupt, "Could not load the model"),
+    }
+
+
+def test_bad_model_folders_are_explained_and_the_app_recovers(tab, model, bad_models):
+    tab.open()
+    for name, (path, message) in bad_models.items():
+        tab.set_model_source(str(path))
+        errors = tab.alerts('[data-testid="stSidebar"]')
+        assert len(errors) == 1 and message in errors[0], (name, errors)
+        assert str(path) in errors[0] or name == "dense", (name, errors)
+        assert tab.token_counts() == [] and not tab.page.locator(".js-plotly-plot").count()
+        tab.screenshot(f"model-{name}")
+    tab.set_model_source(default_model_source())
+    assert not tab.alerts('[data-testid="stSidebar"]')
+    trace = expected_trace(model, presets()["english"])
+    assert_routing_shown(tab, trace, trace.layer_ids[0])
+
+
+@pytest.mark.skipif(not hasattr(moeviz.ui, "uploaded_trace"), reason="this app has no trace-file uploader")
+def test_trace_files_damaged_or_hostile(tab, model):
+    tab.open()
+    tab.act(lambda: tab.page.get_by_text("Trace file", exact=True).click())
+    uploader = tab.page.locator(".st-key-analyse_text_file input[type=file]")
+
+    def upload(name: str, data: bytes):
+        tab.act(lambda: uploader.set_input_files(files=[{"name": name, "mimeType": "application/octet-stream",
+                                                          "buffer": data}]))
+
+    trace = expected_trace(model, HOSTILE_TEXTS["script"])
+    good = trace.to_bytes()
+    weights = safetensors.numpy.save({"model.embed_tokens.weight": np.zeros((4, 4), np.float32)})
+    (length,) = np.frombuffer(good[:8], "<u8")
+    header = json.loads(good[8 : 8 + int(length)])
+    fields = json.loads(header["__metadata__"]["fields"])
+    float_ids = safetensors.numpy.save(
+        {**safetensors.numpy.load(good), "topk_ids": trace.topk_ids.astype(np.float32)},
+        metadata=header["__metadata__"])
+    surrogate = safetensors.numpy.save(
+        safetensors.numpy.load(good), metadata=header["__metadata__"] | {"fields": json.dumps(fields | {"model_id": "\ud800"})})
+    for name, data, message in [
+        ("half.safetensors", good[: len(good) // 2], "damaged"),
+        ("weights.safetensors", weights, "not a moeviz trace"),
+        ("text.safetensors", b"hello, I am a text file \xff\xfe", "not a moeviz trace"),
+        ("float-ids.safetensors", float_ids, "topk_ids has dtype float32"),
+        ("surrogate.safetensors", surrogate, "half of a UTF-16 surrogate pair"),
+    ]:
+        upload(name, data)
+        errors = tab.alerts()
+        assert len(errors) == 1 and errors[0].startswith(f"{name}: ") and message in errors[0], (name, errors)
+        assert tab.token_counts() == []
+
+    hostile_name = "<img src=x onerror=alert(1)>.safetensors"
+    hostile = dataclasses.replace(trace, model_id="<img src=x onerror=alert(1)> **bold** [x](javascript:alert(1))")
+    upload(hostile_name, hostile.to_bytes())
+    caption = tab.page.locator('[data-testid="stCaptionContainer"]').filter(has_text="opened from").inner_text()
+    assert "<img src=x onerror=alert(1)>" in caption and hostile_name in caption
+    assert_routing_shown(tab, hostile, hostile.layer_ids[0])
+    tab.page.wait_for_timeout(300)
+    tab.assert_inert()
+    tab.screenshot("trace-file-hostile")
+
+
+# -- concurrency ------------------------------------------------------------------------------------------
+
+
+def test_eight_sessions_at_once_each_see_their_own_routing(browser, server, model):
+    names = sorted(presets())
+    nonce = uuid.uuid4().hex[:8]  # new texts: nothing cached from earlier tests
+    texts = [f"Session {i} ({nonce}): " + presets()[names[i % len(names)]][:400] for i in range(SESSIONS)]
+    expected = [expected_trace(model, text) for text in texts]
+    import time; T0 = time.monotonic()
+    tabs = [AppPage(browser.new_page(), server) for _ in range(SESSIONS)]
+    print("PHASE expected", time.monotonic() - T0)
+    try:
+        opened = [tab.finished for tab in tabs]
+        for tab in tabs:
+            tab.page.goto(server, wait_until="commit")
+        for tab, before in zip(tabs, opened):
+            tab.wait_for_run(before)
+        print("PHASE opened", time.monotonic() - T0)
+        for tab, text in zip(tabs, texts):
+            tab.start_typing("analyse_text", text)
+        sent = [tab.finished for tab in tabs]
+        for tab in tabs:  # all eight runs start within a moment of each other
+            tab.send("analyse_text")
+        for tab, before in zip(tabs, sent):
+            tab.wait_for_run(before)
+        print("PHASE analysed", time.monotonic() - T0, [round(b - a, 2) for a, b in (t.runs[-1] for t in tabs)])
+
+        for i, (tab, trace) in enumerate(zip(tabs, expected)):
+            assert tab.text_value("analyse_text") == texts[i]
+            assert_routing_shown(tab, trace, trace.layer_ids[0])
+            tab.assert_inert()
+        tabs[0].screenshot("concurrent-session-0")
+        runs = [tab.runs[-1] for tab in tabs]
+        overlapping = max(sum(start <= t < end for start, end in runs) for t, _ in runs)
+        assert overlapping >= 2, f"the sessions' runs did not overlap: {runs}"
+    finally:
+        for tab in tabs:
+            tab.page.close()
