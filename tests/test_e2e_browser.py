@@ -327,6 +327,8 @@ def test_trace_files_damaged_or_hostile(tab, model):
         ("surrogate.safetensors", surrogate, "half of a UTF-16 surrogate pair"),
     ]:
         upload(name, data)
+        # The upload reruns the script; wait until its verdict replaces the previous alert.
+        tab.page.locator('[data-testid="stAlert"]', has_text=f"{name}: ").first.wait_for(timeout=60_000)
         errors = tab.alerts()
         assert len(errors) == 1 and errors[0].startswith(f"{name}: ") and message in errors[0], (name, errors)
         assert tab.token_counts() == []
