@@ -241,7 +241,8 @@ def show_figure(fig, key: str) -> None:
     """A chart with a CSV download of the data it plots."""
     st.plotly_chart(fig, key=key, width="stretch")
     st.download_button(
-        "Download data (CSV)", charts.figure_table(fig).to_csv(index=False), file_name=f"{key}.csv",
+        # A callable: the CSV is built when someone clicks, not on every rerun (a slider move).
+        "Download data (CSV)", lambda: charts.figure_table(fig).to_csv(index=False), file_name=f"{key}.csv",
         mime="text/csv", key=f"{key}_csv", on_click="ignore",
     )
 

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import safetensors.numpy
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -113,6 +114,11 @@ def test_analyse_page_shows_the_routing_of_the_default_preset(tab, model):
     assert_routing_shown(tab, trace, trace.layer_ids[0])
     legend = tab.page.locator(".moeviz-legend .moeviz-swatch").all_inner_texts()
     assert legend == [f"expert {e}" for e in np.unique(trace.first_choice[0])]
+    with tab.page.expect_download() as download:  # the chart's data as a CSV file
+        tab.page.locator(".st-key-expert_load_csv button").click()
+    table = pd.read_csv(download.value.path())
+    assert download.value.suggested_filename == "expert_load.csv"
+    np.testing.assert_allclose(table[table.trace == "load"].y, metrics.expert_load(trace, 1)[0], atol=1e-9)
     tab.screenshot("analyse")
 
 
@@ -352,16 +358,13 @@ def test_eight_sessions_at_once_each_see_their_own_routing(browser, server, mode
     nonce = uuid.uuid4().hex[:8]  # new texts: nothing cached from earlier tests
     texts = [f"Session {i} ({nonce}): " + presets()[names[i % len(names)]][:400] for i in range(SESSIONS)]
     expected = [expected_trace(model, text) for text in texts]
-    import time; T0 = time.monotonic()
     tabs = [AppPage(browser.new_page(), server) for _ in range(SESSIONS)]
-    print("PHASE expected", time.monotonic() - T0)
     try:
         opened = [tab.finished for tab in tabs]
         for tab in tabs:
             tab.page.goto(server, wait_until="commit")
         for tab, before in zip(tabs, opened):
             tab.wait_for_run(before)
-        print("PHASE opened", time.monotonic() - T0)
         for tab, text in zip(tabs, texts):
             tab.start_typing("analyse_text", text)
         sent = [tab.finished for tab in tabs]
@@ -369,7 +372,6 @@ def test_eight_sessions_at_once_each_see_their_own_routing(browser, server, mode
             tab.send("analyse_text")
         for tab, before in zip(tabs, sent):
             tab.wait_for_run(before)
-        print("PHASE analysed", time.monotonic() - T0, [round(b - a, 2) for a, b in (t.runs[-1] for t in tabs)])
 
         for i, (tab, trace) in enumerate(zip(tabs, expected)):
             assert tab.text_value("analyse_text") == texts[i]
