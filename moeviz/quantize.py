@@ -62,6 +62,7 @@ logger = logging.getLogger(__name__)
 QUANTIZATIONS = ("none", "nf4")
 BLOCKSIZE = 64  # bitsandbytes' default: one absmax per 64 weights
 QUANTIZE_CHUNK = 2**20  # weights quantized at a time (a multiple of BLOCKSIZE): ~20 MB of CPU scratch
+PACKED_CPU_BLOCK_N = 32  # bitsandbytes' AVX512-BF16 CPU kernel packs rows in blocks of 32
 MAX_UNQUANTIZED_SHARE = 0.05  # refuse a model of which a larger share of weights would stay in 16-bit
 
 LINEAR = "Linear4bit"  # plan entries: how a weight is stored in 4-bit
@@ -215,8 +216,22 @@ def _linear4bit(model: nn.Module, module_name: str, dtype: torch.dtype, double_q
         )
     if linear.bias is not None:
         new.bias = linear.bias
+    new.support_avx512bf16_for_cpu = new.support_avx512bf16_for_cpu and packed_cpu_kernel_fits(new, dtype)
     model.set_submodule(module_name, new)
     return new
+
+
+def packed_cpu_kernel_fits(linear: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether bitsandbytes may run this Linear4bit with its AVX512-BF16 CPU kernel.
+
+    On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit's weight for that kernel
+    on its first forward pass (`nn/modules.py`, when `support_avx512bf16_for_cpu`). The repacking
+    asserts `out_features % 32 == 0` (a 49,155-token vocabulary fails), and the kernel casts
+    the input to bfloat16 whatever the compute dtype. So moeviz lets it run only where it is
+    the same computation: bfloat16 compute and a width it can pack. Everywhere else the portable
+    path runs (dequantize, then a matmul in the compute dtype), as on CPUs without the feature.
+    """
+    return dtype == torch.bfloat16 and linear.out_features % PACKED_CPU_BLOCK_N == 0
 
 
 def _tie(model: nn.Module) -> None:

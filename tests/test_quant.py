@@ -374,3 +374,51 @@ def test_4bit_of_an_already_quantized_or_unstreamable_checkpoint_is_refused(mixt
 def test_unknown_quantization_is_a_clear_error(mixtral_dir):
     with pytest.raises(ModelLoadError, match="Unknown quantization 'int3'"):
         load_model(mixtral_dir, quantization="int3")
+
+
+# -- bitsandbytes' AVX512-BF16 CPU kernel ----------------------------------------------------------
+
+
+def _packing_flags(model) -> dict[str, bool]:
+    return {name: m.support_avx512bf16_for_cpu for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+@pytest.mark.parametrize("cpu_has_avx512bf16", [False, True])
+def test_packed_cpu_kernel_only_for_bf16_compute_and_widths_it_can_pack(monkeypatch, mixtral_dir, cpu_has_avx512bf16):
+    """The guard decides from the layer and the compute dtype, the same way on every CPU."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: cpu_has_avx512bf16)
+    bf16 = _packing_flags(quantize.load_nf4(mixtral_dir, dtype=torch.bfloat16))
+    assert bf16["lm_head"] is False  # 400 outputs: the packing asserts a multiple of 32
+    assert {name: flag for name, flag in bf16.items() if name != "lm_head"} == dict.fromkeys(
+        [name for name in bf16 if name != "lm_head"], cpu_has_avx512bf16)  # q/k/v/o: 64 or 32 wide
+    float32 = _packing_flags(quantize.load_nf4(mixtral_dir, dtype=torch.float32))
+    assert not any(float32.values())  # the kernel would compute in bf16: never for float32
+
+
+def test_float32_4bit_logits_do_not_depend_on_the_cpu(monkeypatch, mixtral_dir):
+    """A float32 4-bit model computes the same numbers whether or not the CPU has AVX512-BF16."""
+    with torch.inference_mode():
+        portable = quantize.load_nf4(mixtral_dir, dtype=torch.float32)(INPUT_IDS).logits
+        monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+        claimed = quantize.load_nf4(mixtral_dir, dtype=torch.float32)(INPUT_IDS).logits
+    assert torch.equal(portable, claimed)
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="this CPU has no AVX512-BF16: bitsandbytes never packs")
+def test_bf16_4bit_model_runs_the_packed_kernel_where_the_cpu_has_it(mixtral_dir, tokenizer):
+    """End to end on such a CPU: packed layers and a 400-wide lm_head side by side, against the
+    same 4-bit weights run the portable way (compare like with like: both bf16)."""
+    packed = quantize.load_nf4(mixtral_dir, dtype=torch.bfloat16)
+    portable = quantize.load_nf4(mixtral_dir, dtype=torch.bfloat16)
+    for module in portable.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    with torch.inference_mode():
+        a, b = packed(INPUT_IDS).logits.float(), portable(INPUT_IDS).logits.float()
+    q_proj = packed.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.quant_state.packing_format_for_cpu  # the packed kernel really ran
+    assert not getattr(packed.lm_head.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.allclose(a, b, atol=0.05, rtol=0.05), (a - b).abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    trace = trace_text(packed, tokenizer, "The quick brown fox")
+    assert trace.quantization == "nf4" and trace.num_tokens > 0
