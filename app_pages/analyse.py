@@ -2,9 +2,9 @@
 
 import streamlit as st
 
-from moeviz import charts, metrics
-from moeviz.ui import (layer_picker, repeat_rate_figure, router_scores_shown, show_figure, trace_from_source,
-                       trace_download)
+from moeviz.analysis import metrics
+from moeviz.ui import layer_picker, repeat_rate_figure, router_scores_shown, show_figure, trace_download, trace_from_source
+from moeviz.views import charts
 
 st.title("Analyse text")
 choice = st.session_state.get("model_choice")

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from moeviz import charts, metrics
+from moeviz.analysis import metrics
 from moeviz.ui import show_figure, trace_from_source
+from moeviz.views import charts
 
 st.title("Compare layers")
 choice = st.session_state.get("model_choice")

@@ -2,8 +2,9 @@
 
 import streamlit as st
 
-from moeviz import charts, metrics
+from moeviz.analysis import metrics
 from moeviz.ui import layer_picker, show_figure, trace_from_source
+from moeviz.views import charts
 
 DEFAULT_PRESETS = ["english", "python", "math", "russian"]
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import streamlit as st
 
-from moeviz import charts, runs
+from moeviz.runs import store as runs
 from moeviz.ui import show_figure
+from moeviz.views import charts
 
 
 @st.cache_data(show_spinner="Reading the run…", max_entries=4)

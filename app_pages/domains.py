@@ -4,8 +4,9 @@ on the held-out samples shipped with the bundled model."""
 import pandas as pd
 import streamlit as st
 
-from moeviz import charts, metrics
+from moeviz.analysis import metrics
 from moeviz.ui import REPEAT_LABELS, cached_trace, layer_picker, presets, show_figure
+from moeviz.views import charts
 
 st.title("Domains")
 st.caption(

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from moeviz import policies, policy_charts
-from moeviz.metrics import expert_capacity
+from moeviz.analysis import policies
+from moeviz.analysis.metrics import expert_capacity
 from moeviz.ui import layer_picker, router_scores_shown, show_figure, trace_from_source
+from moeviz.views import policy_charts
 
 POLICIES = ("Top-k", "Top-k with capacity", "Expert choice", "Hash", "Bias balancing (DeepSeek-V3)")
 DROP_ORDERS = {"token order (Switch, GShard)": "token", "score order (batch prioritized routing, V-MoE)": "score"}

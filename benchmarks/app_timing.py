@@ -30,12 +30,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the browser machinery of the e2e tests
 
-from streamlit.testing.v1 import AppTest  # noqa: E402
-
 from browser import AppPage, chromium, running_app  # noqa: E402
 from capture_overhead import SAMPLES  # noqa: E402
-from moeviz.capture import trace_text  # noqa: E402
-from moeviz.models import load_model  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from moeviz.model.capture import trace_text  # noqa: E402
+from moeviz.model.loading import load_model  # noqa: E402
 from moeviz.ui import default_model_source  # noqa: E402
 
 

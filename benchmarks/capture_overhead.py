@@ -30,8 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from moeviz.capture import recording_routers, trace_text  # noqa: E402
-from moeviz.models import load_model  # noqa: E402
+from moeviz.model.capture import recording_routers, trace_text  # noqa: E402
+from moeviz.model.loading import load_model  # noqa: E402
 from moeviz.ui import default_model_source  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"

@@ -7,7 +7,7 @@ Three ways to hold a model's weights:
   plain recipe  transformers v5 with `BitsAndBytesConfig(load_in_4bit=True, nf4, double
                 quantization, bfloat16 compute)`: only nn.Linear modules become 4-bit
   moeviz nf4    `load_model(quantization="nf4")`: experts, attention and embeddings in NF4 with
-                double quantization, streamed layer by layer (moeviz.quantize)
+                double quantization, streamed layer by layer (moeviz.model.quantize)
 
 Sizes count parameters, buffers and quantization state. For the bundled model and the test
 checkpoint they are measured on the loaded model and also computed from shapes alone
@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, MixtralConfig  # noqa: E402
 
-from moeviz import quantize  # noqa: E402
-from moeviz.models import BUNDLED_MODEL  # noqa: E402
+from moeviz.model import quantize, weights  # noqa: E402
+from moeviz.model.loading import BUNDLED_MODEL  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "assets" / "samples"
@@ -105,7 +105,7 @@ def worker(variant: str, path: Path, rounds: int, tokens: int) -> dict:
     before, start = status("VmRSS"), time.perf_counter()
     model = load(variant, path).eval()
     result = {"load_s": time.perf_counter() - start, "peak": status("VmHWM") - before,
-              "bytes": quantize.storage_bytes(model)}
+              "bytes": weights.storage_bytes(model)}
     vocab = model.config.vocab_size
     input_ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -125,7 +125,7 @@ def first_choices(model, path: Path) -> list[list[list[int]]]:
     """[sample][layer][token] first-choice experts on the held-out samples."""
     from transformers import AutoTokenizer
 
-    from moeviz.capture import trace_text
+    from moeviz.model.capture import trace_text
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     samples = sorted(SAMPLES.glob("*.txt"))

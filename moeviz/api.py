@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moeviz import capture, generation
-from moeviz.models import LoadedModel, load_model
+from moeviz.model import capture, generation
+from moeviz.model.loading import LoadedModel, load_model
 from moeviz.trace import RoutingTrace
 
 

@@ -5,7 +5,7 @@
     moeviz serve                                              the app, on http://127.0.0.1:8501
     moeviz info                                               what a MoE model is, how it routes
 
-Commands import torch only once they need a model (moeviz.metrics does not), so `--help`,
+Commands import torch only once they need a model (moeviz.analysis.metrics does not), so `--help`,
 argument errors and `serve` answer at once. Errors are one line on stderr, without a traceback.
 """
 
@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from moeviz import metrics
+from moeviz.analysis import metrics
 from moeviz.trace import RoutingTrace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,8 +143,8 @@ def _server(args):
         raise UsageError("--server needs --engine vllm or --engine sglang")
     if args.retries < 0:
         raise UsageError(f"--retries must be 0 or more, got {args.retries}")
-    from moeviz.engine_client import ServerOptions
-    from moeviz.engines import served_model
+    from moeviz.runs.engine_client import ServerOptions
+    from moeviz.runs.engines import served_model
 
     folder = args.model or os.environ.get("MOEVIZ_MODEL")
     if not folder or not Path(folder).is_dir():
@@ -172,7 +172,7 @@ def _existing(path: Path, what: str) -> Path:
 
 
 def _load(args):
-    from moeviz.models import BUNDLED_MODEL, load_model
+    from moeviz.model.loading import BUNDLED_MODEL, load_model
 
     return load_model(args.model or os.environ.get("MOEVIZ_MODEL") or BUNDLED_MODEL)
 
@@ -193,14 +193,14 @@ def trace_command(args) -> int:
             raise ValueError(f"{args.file} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
     from moeviz.api import trace_text
-    from moeviz.generation import Sampling
+    from moeviz.model.generation import Sampling
 
     sampling = None
     if args.generate is not None:
         sampling = Sampling(max_new_tokens=args.generate, temperature=args.temperature or 0.0, seed=args.seed or 0)
     server = _server(args)
     if server is not None:
-        from moeviz.engine_client import trace_on_server
+        from moeviz.runs.engine_client import trace_on_server
 
         if args.seed is not None:
             raise UsageError("--seed does not apply with --server")
@@ -263,12 +263,12 @@ def summary_table(trace: RoutingTrace) -> str:
 
 def corpus_command(args) -> int:
     _existing(args.source, "corpus")
-    from moeviz.corpus import read_documents, run_corpus
+    from moeviz.runs.corpus import read_documents, run_corpus
 
     documents = read_documents(args.source)  # a bad corpus fails before the model loads
     server = _server(args)
     if server is not None:
-        from moeviz.engine_client import run_corpus_on_server
+        from moeviz.runs.engine_client import run_corpus_on_server
 
         summary = run_corpus_on_server(*server, documents, args.output, batch_size=args.batch_size,
                                        max_tokens=args.max_tokens)
@@ -310,7 +310,7 @@ def serve_command(args) -> int:
 
 
 def info_command(args) -> int:
-    from moeviz.models import describe_model
+    from moeviz.model.loading import describe_model
 
     rows = describe_model(_load(args)).rows()
     width = max(map(len, rows))

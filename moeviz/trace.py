@@ -54,7 +54,7 @@ class RoutingTrace:
     topk_weights:  float32[layers, tokens, k]  their mixing weights, as the model applied them
     router_logits: float32[layers, tokens, experts]  raw router outputs before scoring
 
-    A serving engine (vLLM, SGLang: `moeviz.engines`) reports expert ids only: its traces
+    A serving engine (vLLM, SGLang: `moeviz.runs.engines`) reports expert ids only: its traces
     have `topk_weights` and `router_logits` None (`has_weights`, `has_logits`), `engine`
     names it, and slot 0 is the engine's first slot. Everything counted from ids works;
     what needs router scores raises `IdsOnlyError`.
@@ -88,7 +88,7 @@ class RoutingTrace:
     router_logits: np.ndarray | None
     input_token_count: int = -1  # tokens in the whole input before the token limit cut it
     router_class: str = ""
-    quantization: str = "none"  # weights as stored: "none", "nf4", "nf4-linear-only" (moeviz.quantize)
+    quantization: str = "none"  # weights as stored: "none", "nf4", "nf4-linear-only" (moeviz.model.quantize)
     generated_from: int = -1  # index of the first generated token; -1 when nothing was generated
     shared_experts: int = 0  # always-active experts per MoE layer, beside the routed ones
     encoder_layers: int = 0  # layers of an encoder stack numbered first; 0 for a decoder-only model

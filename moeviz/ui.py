@@ -10,11 +10,12 @@ from pathlib import Path
 
 import streamlit as st
 
-from moeviz import charts, metrics
-from moeviz.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
-from moeviz.generation import Sampling, trace_generation
-from moeviz.models import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
+from moeviz.analysis import metrics
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
+from moeviz.model.generation import Sampling, trace_generation
+from moeviz.model.loading import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
 from moeviz.trace import RoutingTrace, TraceFileError
+from moeviz.views import charts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 MAX_TOKENS_LIMIT = 8192

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 import moeviz
-from moeviz.capture import trace_text as capture_trace_text
+from moeviz.model.capture import trace_text as capture_trace_text
 
 
 def test_trace_text_accepts_a_path_a_loaded_model_or_a_model_and_tokenizer(tmp_path, tiny_mixtral, tokenizer):
@@ -33,6 +34,17 @@ def test_a_model_without_its_tokenizer_is_a_clear_error(tiny_mixtral):
         moeviz.trace_text(tiny_mixtral, "hello")
 
 
-def test_reading_traces_does_not_import_torch():
-    code = "import moeviz.trace, moeviz.metrics, moeviz.charts, sys; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+def test_trace_analysis_and_views_do_not_import_torch():
+    """The floors under the model: every module of moeviz.analysis and moeviz.views, the trace and
+    the run store open traces and runs on machines without torch."""
+    code = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import moeviz.analysis, moeviz.views, moeviz.trace, moeviz.runs.store
+        for package in (moeviz.analysis, moeviz.views):
+            for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+                importlib.import_module(module.name)
+        print(sorted(name for name in sys.modules if name.startswith("moeviz.")), "torch" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'moeviz.analysis.policies'" in out and "'moeviz.views.policy_charts'" in out
+    assert out.strip().endswith("False"), out

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from moeviz import metrics
-from moeviz.capture import trace_text
-from moeviz.generation import Sampling, trace_generation
-from moeviz.models import load_model
+from moeviz.analysis import metrics
+from moeviz.model.capture import trace_text
+from moeviz.model.generation import Sampling, trace_generation
+from moeviz.model.loading import load_model
 from moeviz.ui import default_model_source, presets
 
 TIMEOUT = 300

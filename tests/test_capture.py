@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moeviz.capture import NoRoutersError, find_routers, recording_routers, trace_text
+from moeviz.model.capture import NoRoutersError, find_routers, recording_routers, trace_text
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

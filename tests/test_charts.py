@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from factories import make_trace
 
-from moeviz.charts import (
+from moeviz.views.charts import (
     coactivation_heatmap,
     expert_colors,
     expert_load_chart,

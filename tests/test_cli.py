@@ -17,10 +17,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moeviz import cli, metrics
-from moeviz.capture import DEFAULT_MAX_TOKENS, trace_text
-from moeviz.generation import Sampling, trace_generation
-from moeviz.models import describe_model, load_model
+from moeviz import cli
+from moeviz.analysis import metrics
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.model.generation import Sampling, trace_generation
+from moeviz.model.loading import describe_model, load_model
 from moeviz.trace import RoutingTrace
 
 REPO = Path(__file__).resolve().parent.parent

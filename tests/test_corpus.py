@@ -23,10 +23,12 @@ import pytest
 import torch
 from streamlit.testing.v1 import AppTest
 
-from moeviz import cli, metrics, runs
-from moeviz.capture import trace_text
-from moeviz.corpus import CorpusError, Document, read_documents, run_corpus, trace_batch
-from moeviz.models import load_model
+from moeviz import cli
+from moeviz.analysis import metrics
+from moeviz.model.capture import trace_text
+from moeviz.model.loading import load_model
+from moeviz.runs.corpus import CorpusError, Document, read_documents, run_corpus, trace_batch
+from moeviz.runs import store as runs
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 24  # some documents are longer: the cut is part of what must match

@@ -16,16 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import safetensors.numpy
+from browser import ARTIFACTS, AppFailed, AppPage, chromium, running_app
+from hostile import BLANK_TEXTS, HOSTILE_TEXTS, TokenView, long_text
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moeviz.ui
-from browser import ARTIFACTS, AppFailed, AppPage, chromium, running_app
-from hostile import BLANK_TEXTS, HOSTILE_TEXTS, TokenView, long_text
-from moeviz import charts, metrics
-from moeviz.capture import DEFAULT_MAX_TOKENS, trace_text
-from moeviz.models import load_model
+from moeviz.analysis import metrics
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.model.loading import load_model
 from moeviz.trace import RoutingTrace
 from moeviz.ui import default_model_source, presets
+from moeviz.views import charts
 
 pytestmark = pytest.mark.e2e
 

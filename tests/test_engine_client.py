@@ -15,13 +15,14 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from moeviz import cli, runs
-from moeviz.capture import trace_text
-from moeviz.corpus import Document, run_corpus
-from moeviz.engine_client import ServerError, ServerOptions, run_corpus_on_server, trace_on_server
-from moeviz.engines import served_model
-from moeviz.models import LoadedModel
-from moeviz.runs import part_paths, read_part
+from moeviz import cli
+from moeviz.model.capture import trace_text
+from moeviz.model.loading import LoadedModel
+from moeviz.runs.corpus import Document, run_corpus
+from moeviz.runs.engine_client import ServerError, ServerOptions, run_corpus_on_server, trace_on_server
+from moeviz.runs.engines import served_model
+from moeviz.runs.store import part_paths, read_part
+from moeviz.runs import store as runs
 from moeviz.trace import RoutingTrace
 
 DOCUMENTS = [

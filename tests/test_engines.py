@@ -14,11 +14,19 @@ import pytest
 import torch
 from transformers import DeepseekV3Config
 
-from moeviz.engines import (
-    EngineRecordError, decode_sglang_routed, decode_vllm_routed, engine_trace, moe_facts, read_sglang_dump,
-    served_model, sglang_response_trace, vllm_output_trace, vllm_response_trace,
+from moeviz.model.generation import Sampling, trace_generation
+from moeviz.runs.engines import (
+    EngineRecordError,
+    decode_sglang_routed,
+    decode_vllm_routed,
+    engine_trace,
+    moe_facts,
+    read_sglang_dump,
+    served_model,
+    sglang_response_trace,
+    vllm_output_trace,
+    vllm_response_trace,
 )
-from moeviz.generation import Sampling, trace_generation
 from moeviz.trace import RoutingTrace
 from tests.conftest import tiny_mixtral_config, tiny_qwen2_moe_config
 

@@ -18,8 +18,8 @@ import torch
 import transformers as tf
 from streamlit.testing.v1 import AppTest
 
-from moeviz.capture import ROUTER_LAYOUTS, NoRoutersError, find_routers, routing_facts, trace_text
-from moeviz.models import LoadedModel, describe_model, load_model
+from moeviz.model.capture import ROUTER_LAYOUTS, NoRoutersError, find_routers, routing_facts, trace_text
+from moeviz.model.loading import LoadedModel, describe_model, load_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b. What is 12 + 7?"
 SMALL = dict(vocab_size=400, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from moeviz.capture import build_trace, recording_routers
-from moeviz.generation import Sampling, trace_generation
-from moeviz.tokens import Tokenized
+from moeviz.model.capture import build_trace, recording_routers
+from moeviz.model.generation import Sampling, trace_generation
+from moeviz.model.tokens import Tokenized
 
 
 def single_forward_trace(model, trace):
@@ -62,7 +62,7 @@ def test_bad_sampling_and_long_prompts_are_refused(tokenizer, tiny_mixtral):
 def test_generated_part_is_marked_in_the_charts(tokenizer, tiny_mixtral):
     from html.parser import HTMLParser
 
-    from moeviz import charts
+    from moeviz.views import charts
 
     trace = trace_generation(tiny_mixtral, tokenizer, "The quick", Sampling(max_new_tokens=5))
     layer = trace.layer_ids[0]

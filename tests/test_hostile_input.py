@@ -12,16 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from hostile import BLANK_TEXTS, HOSTILE_TEXTS, LONG_TEXT_CHARS, TokenView, long_text
 from streamlit.testing.v1 import AppTest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hostile import BLANK_TEXTS, HOSTILE_TEXTS, LONG_TEXT_CHARS, TokenView, long_text
-from moeviz import charts, metrics
-from moeviz.capture import DEFAULT_MAX_TOKENS, trace_text
-from moeviz.models import ModelLoadError, load_model
-from moeviz.tokens import tokenize
+from moeviz.analysis import metrics
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.model.loading import ModelLoadError, load_model
+from moeviz.model.tokens import tokenize
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.ui import default_model_source
+from moeviz.views import charts
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 TIMEOUT = 300

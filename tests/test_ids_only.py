@@ -14,9 +14,10 @@ import pytest
 import safetensors.numpy
 from streamlit.testing.v1 import AppTest
 
-from moeviz import charts, metrics
-from moeviz.capture import trace_text
+from moeviz.analysis import metrics
+from moeviz.model.capture import trace_text
 from moeviz.trace import IDS_ONLY, IdsOnlyError, RoutingTrace
+from moeviz.views import charts
 from tests.factories import make_trace
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")

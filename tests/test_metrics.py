@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from factories import make_trace
 
-from moeviz import metrics
+from moeviz.analysis import metrics
 
 LN2, LN3 = math.log(2), math.log(3)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from moeviz.capture import NoRoutersError, trace_text
-from moeviz.models import ModelLoadError, load_model
+from moeviz.model.capture import NoRoutersError, trace_text
+from moeviz.model.loading import ModelLoadError, load_model
 
 
 @pytest.fixture()

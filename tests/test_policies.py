@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from factories import make_trace
 
-from moeviz import metrics, policies
-from moeviz.capture import trace_text
+from moeviz.analysis import metrics, policies
+from moeviz.model.capture import trace_text
 
 # Six tokens, four experts; rows are router probabilities (each sums to 1). Expert 0 leads
 # in four of six rows, so it overflows any capacity near the balanced share.

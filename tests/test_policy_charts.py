@@ -5,9 +5,9 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from moeviz import policies
-from moeviz.charts import expert_colors, figure_table
-from moeviz.policy_charts import (
+from moeviz.analysis import policies
+from moeviz.views.charts import expert_colors, figure_table
+from moeviz.views.policy_charts import (
     assignment_view_html,
     bias_chart,
     capacity_sweep_chart,

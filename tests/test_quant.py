@@ -27,9 +27,9 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from moeviz import quantize
-from moeviz.capture import trace_text
-from moeviz.models import BUNDLED_MODEL, ModelLoadError, load_model
+from moeviz.model import quantize, weights
+from moeviz.model.capture import trace_text
+from moeviz.model.loading import BUNDLED_MODEL, ModelLoadError, load_model
 from moeviz.trace import RoutingTrace
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -124,7 +124,7 @@ def test_nf4_stores_every_expert_weight_in_4bit_at_under_030_of_16bit(hub_checkp
     # The estimate from shapes alone (what benchmarks/ uses for Mixtral-8x7B) is exact.
     plan = quantize.quantization_plan(original)
     assert quantize.planned_bytes(original, plan, torch.float32, double_quant=True) == loaded.footprint_bytes
-    assert quantize.quantization_of(model) == "nf4"
+    assert weights.quantization_of(model) == "nf4"
 
 
 def _name_of(model, module) -> str:
@@ -150,7 +150,7 @@ def test_nf4_tied_embedding_is_one_4bit_tensor(tmp_path):
     loaded = quantize.load_nf4(tmp_path, dtype=torch.float32)
     embedding = loaded.model.embed_tokens.parametrizations.weight
     assert loaded.lm_head.parametrizations.weight.original is embedding.original
-    assert quantize.parameter_count(loaded) == sum(p.numel() for p in model.parameters())
+    assert weights.parameter_count(loaded) == sum(p.numel() for p in model.parameters())
     with torch.inference_mode():
         assert torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
         reference = quantize.quantize_model(AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32))
@@ -171,9 +171,9 @@ def test_nf4_chunked_quantization_equals_bitsandbytes_in_one_piece(monkeypatch, 
 def test_nf4_without_double_quant_is_45_bits_a_weight(hub_checkpoint):
     path, original = hub_checkpoint
     plain, double = (quantize.load_nf4(path, dtype=torch.float32, double_quant=dq) for dq in (False, True))
-    assert quantize.storage_bytes(double) < quantize.storage_bytes(plain)
+    assert weights.storage_bytes(double) < weights.storage_bytes(plain)
     plan = quantize.quantization_plan(original)
-    assert quantize.planned_bytes(original, plan, torch.float32, double_quant=False) == quantize.storage_bytes(plain)
+    assert quantize.planned_bytes(original, plan, torch.float32, double_quant=False) == weights.storage_bytes(plain)
 
 
 def test_plain_transformers_4bit_recipe_leaves_experts_in_16bit(hub_checkpoint):
@@ -182,8 +182,8 @@ def test_plain_transformers_4bit_recipe_leaves_experts_in_16bit(hub_checkpoint):
     plain = AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.bfloat16, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     )
-    assert quantize.quantization_of(plain) == "nf4-linear-only"
-    assert quantize.storage_bytes(plain) > 0.6 * 2 * sum(p.numel() for p in original.parameters())
+    assert weights.quantization_of(plain) == "nf4-linear-only"
+    assert weights.storage_bytes(plain) > 0.6 * 2 * sum(p.numel() for p in original.parameters())
 
 
 def test_4bit_trace_records_quantization_and_keeps_it_in_the_file(hub_checkpoint, tmp_path):
@@ -286,7 +286,7 @@ def _write_shard(path, shards: list[dict], weight_map: dict) -> int:
 # process would start with the parent's peak. Writing 5 to clear_refs resets VmHWM to VmRSS.
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys, torch
-    from moeviz import quantize
+    from moeviz.model import quantize, weights
     def status(field):
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
     quantize._bitsandbytes(torch.device("cpu"))  # libraries loaded first: they are not model memory
@@ -294,7 +294,7 @@ PEAK_SCRIPT = textwrap.dedent("""
         clear_refs.write("5")
     before = status("VmRSS")
     model = quantize.load_nf4(sys.argv[1], device="cpu", dtype=torch.bfloat16)
-    print(json.dumps({"load": status("VmHWM") - before, "nf4": quantize.storage_bytes(model)}))
+    print(json.dumps({"load": status("VmHWM") - before, "nf4": weights.storage_bytes(model)}))
 """)
 
 

@@ -1,4 +1,4 @@
-"""The Routing lab page under AppTest: its numbers equal `moeviz.policies` on the same trace.
+"""The Routing lab page under AppTest: its numbers equal `moeviz.analysis.policies` on the same trace.
 
 Expected values come from the default model (whichever it is) run on the same preset with
 `trace_text` (or from a hand-built trace file), then from `policies`, never from numbers
@@ -17,10 +17,10 @@ import pytest
 from factories import make_trace
 from streamlit.testing.v1 import AppTest
 
-from moeviz import policies
-from moeviz.capture import trace_text
-from moeviz.metrics import expert_capacity
-from moeviz.models import load_model
+from moeviz.analysis import policies
+from moeviz.analysis.metrics import expert_capacity
+from moeviz.model.capture import trace_text
+from moeviz.model.loading import load_model
 from moeviz.ui import default_model_source, presets
 
 TIMEOUT = 300

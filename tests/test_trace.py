@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import safetensors.numpy
-
 from factories import make_trace
-from moeviz.capture import trace_text
+
+from moeviz.model.capture import trace_text
 from moeviz.trace import RoutingTrace, TraceFileError
 
 

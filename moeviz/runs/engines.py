@@ -5,7 +5,7 @@ card. Both engines can report the experts each token used; this module turns the
 traces of expert ids only (`RoutingTrace.has_logits` is False: engines report no scores).
 
 What a record leaves out comes from the model's own `config.json` (`served_model`): the model is
-built on PyTorch's meta device, which allocates no weights, and `moeviz.capture.routing_facts`
+built on PyTorch's meta device, which allocates no weights, and `moeviz.model.capture.routing_facts`
 reads its routers, so which layers are MoE (`first_k_dense_replace`, `decoder_sparse_step`,
 `mlp_only_layers`, ...), the experts, top-k and shared experts are exactly what moeviz's own
 capture would find. Token strings come from the model's tokenizer when the folder has one.
@@ -23,7 +23,7 @@ Formats (DESIGN.md §6; engines change them between versions, so readers are tol
 
 Text and offsets: when the caller gives the text the prompt ids came from and the tokenizer
 turns it into those ids, the prompt keeps the tokenizer's offsets and generated tokens span the
-characters they add (as `moeviz.generation`); otherwise the trace's text is the decoded ids and
+characters they add (as `moeviz.model.generation`); otherwise the trace's text is the decoded ids and
 each token spans the characters its id adds to the decoded prefix. Without a tokenizer, tokens
 are shown as their ids ("#1234") and the text is empty.
 """
@@ -41,9 +41,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moeviz.capture import RoutingFacts, routing_facts
-from moeviz.generation import with_generation
-from moeviz.tokens import Tokenized, token_strings
+from moeviz.model.capture import RoutingFacts, routing_facts
+from moeviz.model.generation import with_generation
+from moeviz.model.tokens import Tokenized, token_strings
 from moeviz.trace import RoutingTrace
 
 

@@ -4,7 +4,7 @@ used back into RoutingTraces and corpus runs (`moeviz trace --server`, `moeviz c
 Texts are tokenized here, with the model's own tokenizer and token limit, and sent as token ids,
 so the server routes exactly the tokens the local path would. Requests run concurrently, at most
 `ServerOptions.concurrency` at a time; a connection error, a timeout or a 5xx answer is retried
-with exponential backoff, a 4xx answer is not. A corpus run is written as `moeviz.corpus` writes
+with exponential backoff, a 4xx answer is not. A corpus run is written as `moeviz.runs.corpus` writes
 one (a manifest, then one part per batch of complete documents), with `topk_weights` null: the
 engines report expert ids only. Documents whose request failed are left out of the parts, so
 running the command again resumes with them.
@@ -25,14 +25,11 @@ from pathlib import Path
 import pyarrow as pa
 from tqdm import tqdm
 
-from moeviz.capture import DEFAULT_MAX_TOKENS
-from moeviz.corpus import (
-    Document, RunSummary, check_or_write_manifest, document_table, check_run_or_empty, done_documents, locked,
-    remove_killed_writes, write_part,
-)
-from moeviz.engines import EngineRecordError, ServedModel, sglang_response_trace, vllm_response_trace
-from moeviz.runs import ROW_SCHEMA, RunManifest, part_paths
-from moeviz.tokens import tokenize
+from moeviz.model.capture import DEFAULT_MAX_TOKENS
+from moeviz.model.tokens import tokenize
+from moeviz.runs.corpus import Document, RunSummary, document_table, open_run, write_part
+from moeviz.runs.engines import EngineRecordError, ServedModel, sglang_response_trace, vllm_response_trace
+from moeviz.runs.store import RunManifest
 from moeviz.trace import RoutingTrace
 
 ENGINES = ("vllm", "sglang")
@@ -159,7 +156,7 @@ def run_corpus_on_server(
     batch_size: int = 8, max_tokens: int = DEFAULT_MAX_TOKENS, progress: bool = True,
 ) -> RunSummary:
     """Trace `documents` on the server into the run directory `run_dir`, as
-    `moeviz.corpus.run_corpus` does locally: one part file per batch of documents, resumable.
+    `moeviz.runs.corpus.run_corpus` does locally: one part file per batch of documents, resumable.
 
     The documents of a batch are sent concurrently (at most `options.concurrency` at once). When
     a request still fails after its retries, the batch's finished documents are written, and a
@@ -172,13 +169,7 @@ def run_corpus_on_server(
     run_dir = Path(run_dir)
     manifest = server_manifest(served, options.engine, max_tokens)
     client = _Client(options, served)
-    check_run_or_empty(run_dir)
-    with locked(run_dir):
-        remove_killed_writes(run_dir)
-        check_or_write_manifest(run_dir, manifest)
-        done = done_documents(run_dir)
-        todo = [document for document in documents if document.doc_id not in done]
-        next_part = max((int(path.stem.split("-")[1]) for path in part_paths(run_dir)), default=-1) + 1
+    with open_run(run_dir, manifest, documents) as (todo, next_part):
         tokens = truncated = parts = 0
         bar = tqdm(total=len(documents), initial=len(documents) - len(todo), unit="doc",
                    desc=f"Tracing on {options.engine}", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -204,7 +195,7 @@ def run_corpus_on_server(
                     left = len(todo) - start - len(finished)
                     document, error = failures[0]
                     raise ServerError(
-                        f"document {document.doc_id!r}: {error}. {len(done) + start + len(finished)} documents are in "
+                        f"document {document.doc_id!r}: {error}. {len(documents) - len(todo) + start + len(finished)} documents are in "
                         f"{run_dir}, {left} are not: run the same command again to resume with them"
                     )
     return RunSummary(run_dir, len(todo), len(documents) - len(todo), tokens, truncated, parts)

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from moeviz.quantize import quantization_of
-from moeviz.tokens import Tokenized, tokenize
+from moeviz.model.tokens import Tokenized, tokenize
+from moeviz.model.weights import quantization_of
 from moeviz.trace import RoutingTrace
 
 DEFAULT_MAX_TOKENS = 2048
@@ -281,7 +281,7 @@ def _router_recorder(site: RouterSite, collector: dict):
             raise TypeError(
                 f"Router {type(module).__name__} at {site.name} returned {type(output).__name__}, which "
                 "does not fit its layout (by default (router_logits, top_k_weights, top_k_indices)). "
-                f"Describe it in moeviz.capture.ROUTER_LAYOUTS. ({error})"
+                f"Describe it in moeviz.model.capture.ROUTER_LAYOUTS. ({error})"
             ) from error
         _store(collector, site, parts)
 
@@ -362,7 +362,7 @@ def build_trace(model, tokenized: Tokenized, text: str, collector: dict, *, mode
         raise RuntimeError(
             f"The routers recorded logits {logits.shape[1:]}, weights {weights.shape[1:]} and ids "
             f"{ids.shape[1:]} for {len(tokenized.ids)} tokens; expected [tokens, experts] and "
-            "[tokens, k]. Check this router's entry in moeviz.capture.ROUTER_LAYOUTS."
+            "[tokens, k]. Check this router's entry in moeviz.model.capture.ROUTER_LAYOUTS."
         )
     ids, weights = _by_weight(ids, weights)
     facts = routing_facts(model)

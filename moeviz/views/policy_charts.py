@@ -1,4 +1,4 @@
-"""Charts for the routing lab: a replayed policy (`moeviz.policies.Assignment`) beside the
+"""Charts for the routing lab: a replayed policy (`moeviz.analysis.policies.Assignment`) beside the
 model's own routing. Pure functions to Plotly figures or escaped HTML; nothing loads a model.
 
 Series colours: the model grey, the policy blue, dropped assignments red and hatched.
@@ -14,9 +14,9 @@ import plotly.colors
 import plotly.graph_objects as go
 from numpy.typing import ArrayLike
 
-from moeviz import policies
-from moeviz.charts import expert_axis, expert_colors, token_label
-from moeviz.policies import Assignment
+from moeviz.analysis import policies
+from moeviz.analysis.policies import Assignment
+from moeviz.views.charts import expert_axis, expert_colors, token_label
 
 MODEL_COLOR = "#7f7f7f"
 POLICY_COLOR = plotly.colors.qualitative.D3[0]

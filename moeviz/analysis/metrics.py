@@ -21,7 +21,6 @@ from numpy.typing import ArrayLike
 
 from moeviz.trace import RoutingTrace
 
-
 # -- load and router scores --------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Corpus runs on disk, read back and analysed per domain. No torch: a run written on a GPU box
 opens on a laptop, and the app's pages read it.
 
-A run is a directory written by `moeviz corpus` (`moeviz.corpus.run_corpus`):
+A run is a directory written by `moeviz corpus` (`moeviz.runs.corpus.run_corpus`):
 
     run.json            RunManifest: the model and token limit every row comes from
     part-00000.parquet  per-token routing of complete documents only (ROW_SCHEMA), one
@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moeviz import metrics
+from moeviz.analysis import metrics
 from moeviz.trace import layer_label
 
 RUN_FORMAT = "moeviz-corpus-run"

@@ -13,11 +13,12 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
-from moeviz.capture import find_routers, routing_facts
-from moeviz.quantize import QUANTIZATIONS, QuantizationError, load_nf4, parameter_count, quantization_of, storage_bytes
+from moeviz.model.capture import find_routers, routing_facts
+from moeviz.model.quantize import QUANTIZATIONS, QuantizationError, load_nf4
+from moeviz.model.weights import parameter_count, quantization_of, storage_bytes
 from moeviz.trace import layer_label
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "model"
+BUNDLED_MODEL = Path(__file__).resolve().parent.parent.parent / "assets" / "model"
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,7 +72,7 @@ def load_model(
     device: "auto" (GPU when there is one), "cpu" or "cuda". On CUDA, accelerate places the
     layers (`device_map="auto"`), spilling to the CPU when the GPU is full.
     quantization: "none" or "nf4": experts, attention and embeddings in 4-bit, streamed from
-    safetensors layer by layer (moeviz.quantize); `dtype` is then the compute dtype, and on
+    safetensors layer by layer (moeviz.model.quantize); `dtype` is then the compute dtype, and on
     CUDA the whole model goes to one GPU. double_quant: 8-bit absmax too (~4.13 bits a weight).
     """
     source = str(source)
@@ -149,7 +150,7 @@ class ModelSummary:
     parameter_count: int
     device: str
     size_bytes: int  # memory the weights take, 4-bit quantization state included
-    quantization: str  # "none", "nf4", ... (quantize.quantization_of)
+    quantization: str  # "none", "nf4", ... (weights.quantization_of)
 
     def rows(self) -> dict[str, str]:
         """The facts as a person reads them, in display order."""

@@ -3,9 +3,9 @@
 Documents come from a folder of .txt files or a JSONL file (`read_documents`). They go through
 the model in batches (`trace_batch`: right padding, then each document's rows cut back out of
 the batch), and every batch becomes one part file of the run directory described in
-`moeviz.runs`. Parts hold complete documents only and appear under their final name by an
+`moeviz.runs.store`. Parts hold complete documents only and appear under their final name by an
 atomic rename, so a run killed at any moment resumes by skipping the documents already in a
-part. Reading and analysing runs is in `moeviz.runs`, which needs no torch.
+part. Reading and analysing runs is in `moeviz.runs.store`, which needs no torch.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from moeviz.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers, routing_facts, trace_text
-from moeviz.models import LoadedModel
-from moeviz.quantize import quantization_of
-from moeviz.runs import MANIFEST_NAME, ROW_SCHEMA, RunError, RunManifest, part_paths, read_part
-from moeviz.tokens import tokenize
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers, routing_facts, trace_text
+from moeviz.model.loading import LoadedModel
+from moeviz.model.tokens import tokenize
+from moeviz.model.weights import quantization_of
+from moeviz.runs.store import MANIFEST_NAME, ROW_SCHEMA, RunError, RunManifest, part_paths, read_part
 from moeviz.trace import RoutingTrace
 
 SORT_WINDOW = 64  # batches whose documents are sorted by length together, to limit padding
@@ -208,13 +208,7 @@ def run_corpus(
         raise ValueError(f"batch_size and max_tokens must be at least 1, got {batch_size} and {max_tokens}")
     run_dir = Path(run_dir)
     manifest = _manifest(loaded, max_tokens)
-    check_run_or_empty(run_dir)  # before creating anything in someone's folder
-    with locked(run_dir):
-        remove_killed_writes(run_dir)
-        check_or_write_manifest(run_dir, manifest)
-        done = done_documents(run_dir)
-        todo = [document for document in documents if document.doc_id not in done]
-        next_part = max((int(path.stem.split("-")[1]) for path in part_paths(run_dir)), default=-1) + 1
+    with open_run(run_dir, manifest, documents) as (todo, next_part):
         tokens = truncated = parts = 0
         bar = tqdm(total=len(documents), initial=len(documents) - len(todo), unit="doc", desc="Tracing",
                    file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -239,6 +233,21 @@ def _manifest(loaded: LoadedModel, max_tokens: int) -> RunManifest:
         encoder_layers=facts.encoder_layers, dtype=str(loaded.model.dtype).removeprefix("torch."),
         quantization=quantization_of(loaded.model), max_tokens=max_tokens,
     )
+
+
+@contextmanager
+def open_run(run_dir: Path, manifest: RunManifest, documents: list[Document]) -> Iterator[tuple[list[Document], int]]:
+    """Open a run folder for writing, new or to resume: refuse a folder that is not a run, or a
+    run of another model (`manifest`) or that another process is writing; remove what a killed
+    run left half-written. Yields (the documents not yet in a finished part, the next part
+    number) while holding the run's lock."""
+    check_run_or_empty(run_dir)  # before creating anything in someone's folder
+    with locked(run_dir):
+        remove_killed_writes(run_dir)
+        check_or_write_manifest(run_dir, manifest)
+        done = done_documents(run_dir)
+        todo = [document for document in documents if document.doc_id not in done]
+        yield todo, max((int(path.stem.split("-")[1]) for path in part_paths(run_dir)), default=-1) + 1
 
 
 @contextmanager

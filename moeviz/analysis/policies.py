@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numpy.typing import ArrayLike
 
-from moeviz.metrics import expert_capacity, places_in_queue
+from moeviz.analysis.metrics import expert_capacity, places_in_queue
 from moeviz.trace import RoutingTrace
 
 HASH_METHODS = ("modulo", "random")

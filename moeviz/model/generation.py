@@ -12,8 +12,8 @@ import dataclasses
 
 import torch
 
-from moeviz.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers
-from moeviz.tokens import Tokenized, token_strings, tokenize
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers
+from moeviz.model.tokens import Tokenized, token_strings, tokenize
 from moeviz.trace import RoutingTrace
 
 

@@ -13,7 +13,6 @@ from functools import lru_cache
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -1,0 +1,1 @@
+"""Pure, torch-free functions of RoutingTraces: metrics and routing policies."""
