@@ -11,7 +11,6 @@ long as the model has layers is the case in point: tokens x MoE layers = (tokens
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 from types import SimpleNamespace
@@ -145,6 +144,13 @@ def shaped(request, tmp_path_factory):
     return model, truth, [int(i) for i in rng.integers(3, 290, tokens)]
 
 
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deepseek-v3")
+    SHAPES["deepseek-v3 (61 layers, 3 dense)"]().save_pretrained(folder)
+    return served_model(folder, model_id="deepseek-v3")
+
+
 def assert_ids(trace: RoutingTrace, truth: np.ndarray, ids: list[int], start: int = 0):
     """The trace holds tokens start .. -2 (the last sampled token is never forwarded) with the
     true experts at the true MoE layers."""
@@ -189,11 +195,10 @@ def test_vllm_021_offline_and_http(shaped):
     assert_ids(vllm_response_trace(model, response), truth, ids)
 
 
-def test_a_vllm_021_record_handed_over_as_a_newer_one_is_refused():
+def test_a_vllm_021_record_handed_over_as_a_newer_one_is_refused(deepseek):
     """DeepSeek-V3 in vLLM 0.21: 61 rows as in 0.22, but the 58 MoE layers packed into rows
     0..57 and rows 58..60 zero. Read at the MoE layers' own columns, the last three are zeros."""
-    config = SHAPES["deepseek-v3 (61 layers, 3 dense)"]()
-    model = dataclasses.replace(served_model_from(config), tokenizer=None)
+    model = deepseek
     rng = np.random.default_rng(0)
     truth = np.stack([np.stack([rng.permutation(256)[:8] for _ in range(58)]) for _ in range(61)])
     prompt_rows, generated = vllm_021_parts(truth, 61, 57, 4)
@@ -254,14 +259,6 @@ def test_sglang_narrow_bytes_without_their_dtype_are_refused(shaped):
     with pytest.raises(EngineRecordError, match="fits uint16 ids, but the response does not say routed_experts_dtype"):
         sglang_response_trace(model, {"output_ids": ids[-2:], "meta_info": {"routed_experts": data}},
                               prompt_ids=ids[:-2])
-
-
-def served_model_from(config):
-    import tempfile
-
-    folder = tempfile.mkdtemp()
-    config.save_pretrained(folder)
-    return served_model(folder)
 
 
 # -- real local traces: tokens and text --------------------------------------------------------
@@ -384,9 +381,6 @@ def assert_sequence(trace, truth, ids):
     assert trace.token_ids == ids
 
 
-@pytest.fixture(scope="module")
-def deepseek():
-    return served_model_from(SHAPES["deepseek-v3 (61 layers, 3 dense)"]())
 
 
 def test_recorder_rebuilds_sequences_served_together(deepseek, tmp_path):
