@@ -447,6 +447,24 @@ def test_recorder_refuses_equal_length_sequences_and_keeps_the_others(deepseek, 
     assert len(dump.refused) >= 2 and all("one request at a time" in message for message in dump.refused)
 
 
+def test_recorder_mixed_pass_continues_a_decode_beside_a_new_prefill(deepseek, tmp_path):
+    """--enable-mixed-chunk: a mixed pass (forward mode 3) holds running requests' decode tokens as
+    one-token segments beside new prefills."""
+    (a, a_ids), (b, b_ids) = sequences(deepseek, [8, 6])
+    recorder = Recorder(deepseek)
+    recorder.record(EXTEND, [(a, a_ids, range(5))])
+    recorder.record(3, [(a, a_ids, [5]), (b, b_ids, range(4))])
+    recorder.record(DECODE, [(a, a_ids, [6]), (b, b_ids, [4])])
+    recorder.record(DECODE, [(a, a_ids, [7]), (b, b_ids, [5])])
+    path = recorder.save(tmp_path / "mixed.pt")
+    dump = read_sglang_dump(path, deepseek, radix_cache=False)
+    assert not dump.refused
+    assert_sequence(dump.traces[0], a, a_ids)
+    assert_sequence(dump.traces[1], b, b_ids)
+    unsure = read_sglang_dump(path, deepseek)  # with a radix cache, A's token could start a new request
+    assert [len(t.token_ids) for t in unsure.traces] == [6] and len(unsure.refused) == 2
+
+
 def test_recorder_refuses_speculative_decoding_passes(deepseek, tmp_path):
     (a, a_ids), = sequences(deepseek, [6])
     recorder = Recorder(deepseek)

@@ -458,7 +458,7 @@ class RecorderDump:
     mapping_note: str  # which physical -> logical map the expert ids went through
 
 
-@dataclass
+@dataclass(eq=False)  # sequences are told apart by identity
 class _Sequence:
     first_record: int
     start: int  # position of its first recorded token
