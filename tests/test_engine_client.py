@@ -3,12 +3,11 @@ answers as vLLM or SGLang would, with the routing of the real tiny model."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -18,12 +17,18 @@ from streamlit.testing.v1 import AppTest
 from moeviz import cli
 from moeviz.model.capture import trace_text
 from moeviz.model.loading import LoadedModel
+from moeviz.runs import store as runs
 from moeviz.runs.corpus import Document, run_corpus
-from moeviz.runs.engine_client import ServerError, ServerOptions, run_corpus_on_server, trace_on_server
+from moeviz.runs.engine_client import (
+    ServerError,
+    ServerOptions,
+    run_corpus_on_server,
+    trace_on_server,
+)
 from moeviz.runs.engines import served_model
 from moeviz.runs.store import part_paths, read_part
-from moeviz.runs import store as runs
 from moeviz.trace import RoutingTrace
+from tests.test_engines import numpy2base64, sglang_payload, vllm_rows
 
 DOCUMENTS = [
     Document("fox", "english", "The quick brown fox jumps over the lazy dog."),
@@ -37,9 +42,10 @@ SAMPLED = 7  # the token the fake engine "samples" after each prompt
 
 class FakeEngine(BaseHTTPRequestHandler):
     """Answers /v1/models, /v1/completions (vLLM) and /generate (SGLang) with the routing of the
-    prompt ids it is sent, looked up in `routing`; `mode` breaks it on purpose."""
+    prompt ids it is sent, looked up in `routing`, serialized as the engines do (the builders of
+    tests/test_engines.py, re-implemented from their code); `mode` breaks it on purpose."""
 
-    routing: dict[tuple, RoutingTrace] = {}
+    routing: ClassVar[dict[tuple, RoutingTrace]] = {}
     mode = "ok"  # "ok", "error" (HTTP 500), "no routing", "fail fuchs" (500 for one document),
     # "flaky" (500 for the first request), "reject" (HTTP 400)
     requests = 0
@@ -68,18 +74,19 @@ class FakeEngine(BaseHTTPRequestHandler):
             return self.answer(500, {"error": "CUDA out of memory"})
         if self.mode == "reject":
             return self.answer(400, {"error": "unknown field return_routed_experts"})
-        rows = np.zeros((len(ids), local.num_layers, local.top_k), dtype=np.int32)  # prompt + 1 sampled - 1
-        rows[:, local.layer_ids] = local.topk_ids.transpose(1, 0, 2)
-        if self.path == "/v1/completions":
-            buffer = io.BytesIO()
-            np.save(buffer, rows.astype(np.uint8))
-            choice = {"index": 0, "text": "x", "token_ids": [SAMPLED], "finish_reason": "length"}
+        truth = np.concatenate([local.topk_ids.transpose(1, 0, 2), np.zeros((1, len(local.layer_ids), local.top_k),
+                                                                           dtype=np.int64)])  # + the sampled token
+        if self.path == "/v1/completions":  # vLLM >= 0.22, completion/serving.py, return_token_ids
+            choice = {"index": 0, "text": "x", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                      "prompt_token_ids": ids, "token_ids": [SAMPLED], "routed_experts": None}
             if self.mode != "no routing":
-                choice["routed_experts"] = base64.b64encode(buffer.getvalue()).decode()
-            return self.answer(200, {"object": "text_completion", "prompt_token_ids": ids, "choices": [choice]})
-        meta = {"prompt_tokens": len(ids), "completion_tokens": 1}
+                choice["routed_experts"] = numpy2base64(
+                    vllm_rows(truth, local.layer_ids, local.num_layers, local.num_experts))
+            return self.answer(200, {"object": "text_completion", "model": "tiny", "choices": [choice]})
+        meta = {"id": "x", "finish_reason": {"type": "length", "length": 1}, "prompt_tokens": len(ids),
+                "completion_tokens": 1, "cached_tokens": 0}  # SGLang 0.5.23 /generate
         if self.mode != "no routing":
-            meta["routed_experts"] = base64.b64encode(rows.astype("<i4").tobytes()).decode()
+            meta["routed_experts"], _ = sglang_payload(truth, local.layer_ids, local.num_layers)
         self.answer(200, {"text": "x", "output_ids": [SAMPLED], "meta_info": meta})
 
 

@@ -2,7 +2,10 @@
 used back into RoutingTraces and corpus runs (`moeviz trace --server`, `moeviz corpus --server`).
 
 Texts are tokenized here, with the model's own tokenizer and token limit, and sent as token ids,
-so the server routes exactly the tokens the local path would. Requests run concurrently, at most
+so the server routes exactly the tokens the local path would: to vLLM's `/v1/completions` with
+`return_token_ids` (the record in `choices[0].routed_experts`, token ids on the choice), to
+SGLang's `/generate` with `return_routed_experts` (the record in `meta_info`, with its
+`routed_experts_dtype` when SGLang says it). `moeviz.runs.engines` reads both, per version. Requests run concurrently, at most
 `ServerOptions.concurrency` at a time; a connection error, a timeout or a 5xx answer is retried
 with exponential backoff, a 4xx answer is not. A corpus run is written as `moeviz.runs.corpus` writes
 one (a manifest, then one part per batch of complete documents), with `topk_weights` null: the
