@@ -60,6 +60,13 @@ def special_token_ids(tokenizer) -> list[int]:
     return sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
 
 
+def context_length(config) -> int | None:
+    """The positions the model was trained on (`max_position_embeddings`), or None when its
+    config does not say (relative positions, as in T5 and Switch Transformers)."""
+    length = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
+
+
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
     """What each token stands for, faithfully: text where it is whole UTF-8, `\\xNN` escapes
     for the bytes of a partial character, special tokens as their names."""
