@@ -173,9 +173,10 @@ class _TokenViewParser(HTMLParser):
         self.tags.add(tag)
         attrs = dict(attrs)
         style = dict(part.split(":", 1) for part in attrs.get("style", "").split(";") if part)
-        if attrs.get("class") in ("moeviz-token", "moeviz-swatch"):
+        kind = (attrs.get("class") or "").split(" ")[0]  # "moeviz-token moeviz-left-out" is a token
+        if kind in ("moeviz-token", "moeviz-swatch"):
             self._current = {"title": attrs["title"], "background": style["background-color"], "text": ""}
-            (self.tokens if attrs["class"] == "moeviz-token" else self.swatches).append(self._current)
+            (self.tokens if kind == "moeviz-token" else self.swatches).append(self._current)
         elif tag == "br" and self._current is not None:
             self._current["text"] += "<BR>"
 
