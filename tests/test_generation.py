@@ -27,6 +27,7 @@ def test_generation_trace_equals_single_forward(request, tokenizer, model_name, 
     prompt_length = len(tokenizer(prompt)["input_ids"])
 
     assert trace.generated and trace.generated_from == prompt_length
+    assert trace.special_ids == [0, 1]  # <s>, </s>; <unk> stands for text
     assert trace.num_tokens == prompt_length + 12  # the tiny vocabulary has no reachable EOS here
     assert trace.text.startswith(prompt) and len(trace.text) > len(prompt)
     reference = single_forward_trace(model, trace)

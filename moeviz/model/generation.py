@@ -145,5 +145,6 @@ def with_generation(tokenizer, prompt: str, prompt_tokens: Tokenized, new_ids: l
         tokens=prompt_tokens.tokens + token_strings(tokenizer, new_ids),
         offsets=prompt_tokens.offsets + offsets,
         input_token_count=len(ids),
+        special_ids=prompt_tokens.special_ids,
     )
     return tokenized, text
