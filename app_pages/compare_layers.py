@@ -3,18 +3,20 @@
 import streamlit as st
 
 from moeviz.analysis import metrics
-from moeviz.ui import show_figure, trace_from_source
+from moeviz.ui import counted, enough_tokens, load_choices, load_title, show_figure, trace_from_source
 from moeviz.views import charts
 
 st.title("Compare layers")
 choice = st.session_state.get("model_choice")
 trace = trace_from_source(choice, "layers_text", default_preset="python")
-if trace is not None:
-    load = metrics.expert_load(trace)
-    uniform = metrics.uniform_load(trace)
+if trace is not None and enough_tokens(trace):
+    stats = counted(trace)
+    picks = load_choices(trace.top_k, "layers_choices")
+    load = metrics.expert_load(stats, picks)
+    uniform = metrics.uniform_load(stats, picks)
 
     st.subheader("Expert load in every layer")
-    show_figure(charts.layer_load_heatmap(trace, load, uniform), "layer_load")
+    show_figure(charts.layer_load_heatmap(stats, load, uniform), "layer_load")
 
     default = trace.layer_ids[:1] + trace.layer_ids[-1:] if len(trace.layer_ids) > 1 else trace.layer_ids
     chosen = st.multiselect("Layers to compare", trace.layer_ids, default=default,
@@ -25,15 +27,17 @@ if trace is not None:
     else:
         st.subheader("Expert load side by side")
         loads = {trace.layer_label(layer): load[trace.layer_index(layer)] for layer in chosen}
-        show_figure(charts.load_comparison_chart(loads, uniform), "layer_loads")
+        show_figure(charts.load_comparison_chart(loads, uniform, title=load_title(picks, "chosen layers")), "layer_loads")
 
         st.subheader("First-choice transitions between layers")
-        st.caption("Where each token's first-choice expert at one layer goes at the next chosen layer.")
-        show_figure(charts.transition_sankey(trace, chosen), "layer_transitions")
-
-        same = [
-            (metrics.layer_transitions(trace, trace.layer_index(a), trace.layer_index(b)).trace() / trace.num_tokens)
+        st.caption("Where the tokens of each first-choice expert at one layer go at the next chosen layer. "
+                   "Expert 3 of one layer and expert 3 of another are unrelated networks: only the paths count.")
+        show_figure(charts.transition_sankey(stats, chosen), "layer_transitions")
+        shares = [
+            metrics.transition_concentration(metrics.layer_transitions(stats, trace.layer_index(a), trace.layer_index(b)))
             for a, b in zip(chosen, chosen[1:])
         ]
-        st.caption("Share of tokens keeping the same first-choice expert: " + " · ".join(
-            f"{trace.layer_label(a)} → {trace.layer_label(b)}: {share:.1%}" for (a, b), share in zip(zip(chosen, chosen[1:]), same)))
+        st.caption("Tokens that go where most tokens of their expert go (1 = each expert's tokens all take one path; "
+                   "the floor is the later layer's most used expert, reached when the earlier choice tells nothing): "
+                   + " · ".join(f"{trace.layer_label(a)} → {trace.layer_label(b)}: {share:.1%} (floor {floor:.1%})"
+                                for (a, b), (share, floor) in zip(zip(chosen, chosen[1:]), shares)))

@@ -3,7 +3,8 @@
 import streamlit as st
 
 from moeviz.analysis import metrics
-from moeviz.ui import layer_picker, show_figure, trace_from_source
+from moeviz.ui import (counted, enough_tokens, layer_picker, load_choices, load_title, repeat_rates, show_figure,
+                       trace_from_source)
 from moeviz.views import charts
 
 DEFAULT_PRESETS = ["english", "python", "math", "russian"]
@@ -17,7 +18,7 @@ for number in range(count):
     with columns[number % len(columns)]:
         preset = DEFAULT_PRESETS[number] if number < len(DEFAULT_PRESETS) else None
         trace = trace_from_source(choice, f"prompt_{number}", default_preset=preset, label=f"Text {number + 1}")
-        if trace is not None:
+        if trace is not None and enough_tokens(trace, f"Text {number + 1}"):
             traces[f"text {number + 1}"] = trace
 
 shapes = {(trace.num_experts, tuple(trace.layer_ids)) for trace in traces.values()}
@@ -27,19 +28,22 @@ elif len(traces) >= 2:
     first = next(iter(traces.values()))
     layer = layer_picker(first, "prompts_layer")
     index = first.layer_index(layer)
-    uniform = metrics.uniform_load(first)
-    loads = {name: metrics.expert_load(trace)[index] for name, trace in traces.items()}
+    picks = load_choices(first.top_k, "prompts_choices")
+    loads = {name: metrics.expert_load(counted(trace), picks)[index] for name, trace in traces.items()}
 
     st.subheader(f"Expert load per text · {first.layer_label(layer)}")
-    show_figure(charts.load_comparison_chart(loads, uniform), "prompt_loads")
+    show_figure(charts.load_comparison_chart(loads, metrics.uniform_load(first, picks),
+                                             title=load_title(picks, first.layer_label(layer))), "prompt_loads")
 
-    st.subheader("Jensen–Shannon divergence between the texts' loads (bits)")
+    st.subheader(f"Jensen–Shannon divergence between the texts' loads (bits) · {first.layer_label(layer)}")
     show_figure(charts.js_matrix_heatmap(list(loads), metrics.load_js_matrix(list(loads.values()))), "prompt_js")
 
     st.subheader("Adjacent tokens with the same first-choice expert")
-    rates = {name: metrics.repeat_rates(trace).same_first for name, trace in traces.items() if trace.num_tokens >= 2}
+    rates = {name: repeat_rates(trace).same_first for name, trace in traces.items()}
     chance = {name: metrics.repeat_chance(first).same_first for name in rates}
-    show_figure(charts.repeat_rate_chart(first.layer_ids, rates, chance), "prompt_repeat_rates")
-    st.caption(f"Dashed: chance level 1/E = {1 / first.num_experts:.3f}.")
+    show_figure(charts.repeat_rate_chart(first.layer_ids, rates, chance,
+                                         layer_labels=[first.layer_label(n) for n in first.layer_ids]),
+                "prompt_repeat_rates")
+    st.caption(f"Dashed: chance level 1/E = {1 / first.num_experts:.3f}, the same for every text.")
 else:
-    st.info("Give at least two texts or trace files to compare them.")
+    st.info("Give at least two texts or trace files, each of two tokens or more, to compare them.")

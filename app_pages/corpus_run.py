@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from moeviz.runs import store as runs
-from moeviz.ui import show_figure
+from moeviz.ui import load_choices, load_title, show_figure
 from moeviz.views import charts
 
 
@@ -46,17 +46,18 @@ if len(manifest.layer_ids) > 1:
 else:
     layer = manifest.layer_ids[0]
 index = manifest.layer_ids.index(layer)
-mode = st.radio("Count", ["first choice", f"top-{manifest.top_k}"], horizontal=True, key="corpus_run_choices")
-picks = 1 if mode == "first choice" else manifest.top_k
+picks = load_choices(manifest.top_k, "corpus_run_choices")
 loads = runs.domain_loads(run, picks)
 
 st.subheader(f"Share of tokens per expert, by domain · {manifest.layer_label(layer)}")
 show_figure(charts.load_comparison_chart({name: load[index] for name, load in loads.items()},
-                                         picks / manifest.num_experts), "corpus_loads")
+                                         picks / manifest.num_experts, title=load_title(picks, manifest.layer_label(layer))),
+            "corpus_loads")
 
 if len(loads) >= 2:
     st.subheader(f"Jensen–Shannon divergence between domains (bits) · {manifest.layer_label(layer)}")
-    show_figure(charts.js_matrix_heatmap(list(loads), runs.domain_js_matrix(loads, index)), "corpus_js")
+    show_figure(charts.js_matrix_heatmap(list(loads), runs.domain_js_matrix(loads, index),
+                                         title="Jensen–Shannon divergence between domains' expert loads (bits)"), "corpus_js")
 else:
     st.info("This run has one domain: give documents a domain (sub-folders, or a \"domain\" field) to compare them.")
 

@@ -5,7 +5,8 @@ import pandas as pd
 import streamlit as st
 
 from moeviz.analysis import metrics
-from moeviz.ui import REPEAT_LABELS, cached_trace, layer_picker, presets, show_figure
+from moeviz.ui import (REPEAT_LABELS, cached_trace, counted, enough_tokens, layer_picker, load_choices, load_title,
+                       plural, presets, repeat_rates, show_figure)
 from moeviz.views import charts
 
 st.title("Domains")
@@ -17,29 +18,35 @@ choice = st.session_state.get("model_choice")
 samples = presets()
 if choice is None:
     st.info("No model is loaded (see the sidebar).")
-elif not samples:
+    st.stop()
+if not samples:
     st.warning("No domain samples found under assets/samples.")
-else:
-    traces = {domain: cached_trace(choice, text) for domain, text in samples.items()}
+    st.stop()
+traces = {domain: cached_trace(choice, text) for domain, text in samples.items()}
+traces = {domain: trace for domain, trace in traces.items() if enough_tokens(trace, f"The {domain} sample")}
+if traces:
+    stats = {domain: counted(trace) for domain, trace in traces.items()}
     first = next(iter(traces.values()))
-    st.caption(f"{len(traces)} domains · " + " · ".join(f"{d}: {t.num_tokens:,} tokens" for d, t in traces.items()))
+    st.caption(f"{len(traces)} domains · " + " · ".join(f"{d}: {plural(t.num_tokens, 'token')}" for d, t in stats.items()))
     layer = layer_picker(first, "domains_layer")
     index = first.layer_index(layer)
 
     st.subheader(f"Share of tokens per expert, by domain · {first.layer_label(layer)}")
-    mode = st.radio("Count", ["first choice", f"first or any of top-{first.top_k}"], horizontal=True, key="domains_choices")
-    picks = 1 if mode == "first choice" else first.top_k
-    loads = {domain: metrics.expert_load(trace, picks)[index] for domain, trace in traces.items()}
-    show_figure(charts.load_comparison_chart(loads, metrics.uniform_load(first, picks)), "domain_loads")
+    picks = load_choices(first.top_k, "domains_choices")
+    loads = {domain: metrics.expert_load(trace, picks)[index] for domain, trace in stats.items()}
+    show_figure(charts.load_comparison_chart(loads, metrics.uniform_load(first, picks),
+                                             title=load_title(picks, first.layer_label(layer))), "domain_loads")
 
-    st.subheader(f"Jensen–Shannon divergence between domains · {first.layer_label(layer)}")
-    show_figure(charts.js_matrix_heatmap(list(loads), metrics.load_js_matrix(list(loads.values()))), "domain_js")
+    st.subheader(f"Jensen–Shannon divergence between domains' loads (bits) · {first.layer_label(layer)}")
+    show_figure(charts.js_matrix_heatmap(list(loads), metrics.load_js_matrix(list(loads.values())),
+                                         title="Jensen–Shannon divergence between domains' expert loads (bits)"),
+                "domain_js")
 
     st.subheader("Adjacent tokens sharing experts, by domain and layer (Table 5)")
     chance = metrics.repeat_chance(first)
     rows = []
     for domain, trace in traces.items():
-        rates = metrics.repeat_rates(trace)
+        rates = repeat_rates(trace)
         for position, layer_id in enumerate(trace.layer_ids):
             rows.append({"domain": domain, "layer": layer_id} | {
                 label: getattr(rates, name)[position] for name, label in REPEAT_LABELS.items()})

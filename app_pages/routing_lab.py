@@ -6,7 +6,7 @@ import streamlit as st
 
 from moeviz.analysis import policies
 from moeviz.analysis.metrics import expert_capacity
-from moeviz.ui import layer_picker, router_scores_shown, show_figure, trace_from_source
+from moeviz.ui import counted, enough_tokens, layer_picker, router_scores_shown, show_figure, trace_from_source
 from moeviz.views import policy_charts
 
 POLICIES = ("Top-k", "Top-k with capacity", "Expert choice", "Hash", "Bias balancing (DeepSeek-V3)")
@@ -56,7 +56,8 @@ def summary_table(model, policy, scores) -> pd.DataFrame:
             "—" if assignment.capacity is None else str(assignment.capacity),
         ]
 
-    rows = ["load CV (std / mean, 0 = balanced)", "balance loss E·Σ f·P", "tokens with an assignment dropped",
+    rows = ["load CV (std / mean, 0 = balanced)", "balance loss E·Σ f·P (f: choices, dropped ones too)",
+            "tokens with an assignment dropped",
             "tokens with no expert", "model's (token, expert) pairs kept", "capacity C (tokens per expert)"]
     return pd.DataFrame({model.policy: column(model), policy.label: column(policy)}, index=rows)
 
@@ -69,7 +70,9 @@ st.info(
 )
 choice = st.session_state.get("model_choice")
 trace = trace_from_source(choice, "lab_text", default_preset="english")
-if trace is not None and router_scores_shown(trace, "The routing lab replays policies on router scores: it"):
+if (trace is not None and enough_tokens(trace)
+        and router_scores_shown(trace, "The routing lab replays policies on router scores: it")):
+    trace = counted(trace)  # policies route the tokens the statistics count
     layer = layer_picker(trace, "lab_layer")
     scores = policies.layer_scores(trace, layer)
     model = policies.model_routing(trace, layer)
@@ -80,6 +83,9 @@ if trace is not None and router_scores_shown(trace, "The routing lab replays pol
 
     st.subheader(f"{policy.label} against the model · {trace.layer_label(layer)}")
     st.table(summary_table(model, policy, scores))
+    st.caption("The balance loss scores what the router chose: its f counts every choice, dropped ones too, as "
+               "Switch Transformers' auxiliary loss (eq. 4) is computed before capacity is applied. Capacity "
+               "drops leave it unchanged; the rows below it show what the drops cost.")
     if policy.bias is not None:
         show_figure(policy_charts.bias_chart(policy.bias), "lab_bias")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +93,8 @@ class RoutingTrace:
     shared_experts: int = 0  # always-active experts per MoE layer, beside the routed ones
     encoder_layers: int = 0  # layers of an encoder stack numbered first; 0 for a decoder-only model
     engine: str = ""  # the serving engine that recorded the ids ("vllm", "sglang"); "" for moeviz's own capture
+    special_ids: list[int] = field(default_factory=list)  # ids the tokenizer calls special (BOS, EOS, PAD); [] when unknown
+    stop_reason: str = ""  # why generation stopped: "eos", "max_new_tokens", "token_limit", "context"; "" when nothing was generated
 
     def __post_init__(self):
         if self.input_token_count < 0:
@@ -137,6 +139,11 @@ class RoutingTrace:
     @property
     def generated(self) -> bool:
         return 0 <= self.generated_from < self.num_tokens
+
+    @property
+    def special(self) -> np.ndarray:
+        """bool[tokens]: the tokens whose id the tokenizer calls special (none when unknown)."""
+        return np.isin(np.asarray(self.token_ids, dtype=np.int64), np.asarray(self.special_ids, dtype=np.int64))
 
     @property
     def has_logits(self) -> bool:

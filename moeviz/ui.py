@@ -12,12 +12,14 @@ import streamlit as st
 
 from moeviz.analysis import metrics
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
-from moeviz.model.generation import Sampling, trace_generation
+from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
+from moeviz.model.tokens import context_length
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
+INCLUDE_SPECIAL = "include_special"  # session key of the sidebar's "Count special tokens" toggle
 MAX_TOKENS_LIMIT = 8192
 WEIGHT_STORAGE = {"full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
 
@@ -31,6 +33,7 @@ class ModelChoice:
     dtype: str
     max_tokens: int
     quantization: str = "none"  # "nf4": experts, attention and embeddings in 4-bit
+    context: int | None = None  # positions the model was trained on (None: its config does not say)
 
 
 def default_model_source() -> str:
@@ -58,38 +61,55 @@ def cached_generation(choice: ModelChoice, prompt: str, sampling: Sampling) -> R
 
 
 def model_sidebar() -> ModelChoice | None:
-    """The model picker. Returns None (after saying why) when the model cannot be loaded, so
-    the page stays usable and the person can pick another."""
+    """The sidebar: the model picker and what the statistics count. Returns None (after
+    saying why) when the model cannot be loaded, so the page stays usable and the person can
+    pick another."""
     with st.sidebar:
-        st.header("Model")
-        source = st.text_input(
-            "Local folder or hub id",
-            value=default_model_source(),
-            key="model_source",
-            help="The default is moeviz's own small Mixtral, bundled and offline. "
-            "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
-        ).strip()
-        device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
-        dtype = st.selectbox("Weights dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype")
-        quantization = "none"
-        if find_spec("bitsandbytes"):  # offered only where bitsandbytes can deliver it
-            quantization = WEIGHT_STORAGE[st.selectbox(
-                "Weights storage", list(WEIGHT_STORAGE), key="model_quantization",
-                help="4-bit (NF4) stores the experts, attention and embeddings in about 4.1 bits a weight "
-                "(a quarter of 16-bit), loading layer by layer; routers stay in the dtype above, which is "
-                "also the compute dtype. It is for big models on a GPU: on the CPU it is slower than 16-bit.",
-            )]
-        max_tokens = int(st.number_input(
-            "Token limit", min_value=1, max_value=MAX_TOKENS_LIMIT, value=DEFAULT_MAX_TOKENS, step=256,
-            key="max_tokens", help="Longer texts are cut at this many tokens, with a notice.",
-        ))
-        try:
-            loaded = cached_model(source, device, dtype, quantization)
-        except (ModelLoadError, NoRoutersError) as error:
-            st.error(str(error))
-            return None
-        show_model_summary(loaded)
-    return ModelChoice(source, device, dtype, max_tokens, quantization)
+        choice = _model_picker()
+        st.header("Statistics")
+        st.toggle(
+            "Count special tokens", key=INCLUDE_SPECIAL,
+            help="Special tokens (BOS, EOS, PAD) are routed alike in every text, so statistics leave them out "
+            "and the token view shows them grey. Turn this on to count them too.",
+        )
+    return choice
+
+
+def _model_picker() -> ModelChoice | None:
+    st.header("Model")
+    source = st.text_input(
+        "Local folder or hub id",
+        value=default_model_source(),
+        key="model_source",
+        help="The default is moeviz's own small Mixtral, bundled and offline. "
+        "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
+    ).strip()
+    device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
+    dtype = st.selectbox("Weights dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype")
+    quantization = "none"
+    if find_spec("bitsandbytes"):  # offered only where bitsandbytes can deliver it
+        quantization = WEIGHT_STORAGE[st.selectbox(
+            "Weights storage", list(WEIGHT_STORAGE), key="model_quantization",
+            help="4-bit (NF4) stores the experts, attention and embeddings in about 4.1 bits a weight "
+            "(a quarter of 16-bit), loading layer by layer; routers stay in the dtype above, which is "
+            "also the compute dtype. It is for big models on a GPU: on the CPU it is slower than 16-bit.",
+        )]
+    try:
+        loaded = cached_model(source, device, dtype, quantization)
+    except (ModelLoadError, NoRoutersError) as error:
+        st.error(str(error))
+        return None
+    context = context_length(loaded.model.config)
+    default = min(DEFAULT_MAX_TOKENS, context or DEFAULT_MAX_TOKENS)
+    # The key carries the default, so a model with another context starts from its own.
+    max_tokens = int(st.number_input(
+        "Token limit", min_value=1, max_value=MAX_TOKENS_LIMIT, value=default, step=256, key=f"max_tokens-{default}",
+        help="Longer texts are cut at this many tokens, with a notice. The default is the model's trained "
+        f"context ({context:,} positions) or {DEFAULT_MAX_TOKENS:,}, whichever is smaller." if context else
+        "Longer texts are cut at this many tokens, with a notice.",
+    ))
+    show_model_summary(loaded)
+    return ModelChoice(source, device, dtype, max_tokens, quantization, context)
 
 
 def show_model_summary(loaded: LoadedModel) -> None:
@@ -166,8 +186,10 @@ def generated_trace(choice: ModelChoice, key: str) -> RoutingTrace | None:
     except ValueError as error:
         st.error(str(error))
         return None
-    show_token_count(trace)
-    st.caption(f"{trace.num_tokens - trace.generated_from} tokens generated (marked in the charts).")
+    show_token_count(trace, choice.context)
+    generated = trace.num_tokens - trace.generated_from
+    st.caption(f"{plural(generated, 'token')} generated (marked in the charts); it stopped because "
+               f"{STOP_REASONS.get(trace.stop_reason, 'of a reason this moeviz does not know')}.")
     return trace
 
 
@@ -197,7 +219,7 @@ def analyse(choice: ModelChoice, text: str) -> RoutingTrace | None:
     except ValueError as error:
         st.error(str(error))
         return None
-    show_token_count(trace)
+    show_token_count(trace, choice.context)
     return trace
 
 
@@ -219,15 +241,87 @@ def router_scores_shown(trace: RoutingTrace, what: str) -> bool:
     return False
 
 
-def show_token_count(trace: RoutingTrace) -> None:
+def plural(count: int, noun: str) -> str:
+    """ "1 token", "2 tokens", "1,024 tokens"."""
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def show_token_count(trace: RoutingTrace, context: int | None = None) -> None:
+    """The trace in one line: tokens counted (special ones apart), layers, experts; warnings
+    for a text cut at the token limit or longer than the model's trained `context`."""
+    special = int(trace.special.sum())
+    if include_special():
+        tokens = plural(trace.num_tokens, "token") + (f" · {plural(special, 'special token')} counted" if special else "")
+    else:
+        tokens = plural(trace.num_tokens - special, "token") + (
+            f" · {plural(special, 'special token')} left out of the statistics" if special else "")
     shared = f" + {trace.shared_experts} shared (always active)" if trace.shared_experts else ""
-    st.caption(f"{trace.num_tokens:,} tokens · {len(trace.layer_ids)} MoE layers of {trace.num_layers} · "
+    st.caption(f"{tokens} · {len(trace.layer_ids)} MoE layers of {trace.num_layers} · "
                f"{trace.num_experts} experts{shared} · top-{trace.top_k} · {trace.scoring} router")
     if trace.truncated:
         st.warning(
             f"The text has {trace.input_token_count:,} tokens; only the first {trace.num_tokens:,} "
             "were analysed (the token limit is in the sidebar)."
         )
+    if context is not None and trace.num_tokens > context:
+        st.warning(
+            f"This text has {trace.num_tokens:,} tokens, more than the {context:,} positions the model was "
+            f"trained on: routing past token {context:,} is outside what it learnt. Lower the token limit "
+            f"to {context:,} to stay within it."
+        )
+
+
+# -- what the statistics count ---------------------------------------------------------------
+
+
+def include_special() -> bool:
+    """The sidebar's "Count special tokens" toggle."""
+    return bool(st.session_state.get(INCLUDE_SPECIAL, False))
+
+
+def counted(trace: RoutingTrace) -> RoutingTrace:
+    """`trace` restricted to the tokens the statistics count (`metrics.counted`)."""
+    return metrics.counted(trace, include_special())
+
+
+def repeat_rates(trace: RoutingTrace) -> metrics.RepeatRates:
+    """Repeat rates of the whole `trace` over the pairs the statistics count."""
+    return metrics.repeat_rates(trace, include_special())
+
+
+def token_view(trace: RoutingTrace, layer: int) -> str:
+    """The token view, special tokens grey when the statistics leave them out."""
+    return charts.token_view_html(trace, layer, left_out=~metrics.counted_tokens(trace, include_special()))
+
+
+def enough_tokens(trace: RoutingTrace, what: str = "This text") -> bool:
+    """True when `trace` has two adjacent counted tokens, the least every statistic needs;
+    otherwise an `st.info` says so, and False."""
+    if metrics.counted_pairs(trace, include_special()).any():
+        return True
+    kept = int(metrics.counted_tokens(trace, include_special()).sum())
+    special = "" if include_special() else " (special tokens such as BOS are left out; the sidebar can count them)"
+    st.info(
+        f"{what} has {plural(kept, 'token')} to count{special}: statistics need at least two adjacent tokens. "
+        "Type a longer text, or raise the token limit in the sidebar."
+    )
+    return False
+
+
+def load_choices(top_k: int, key: str) -> int:
+    """The one control for how expert load is counted, wherever it is: the first choice of
+    each token, or all its top-k picks. Returns the picks per token counted (1 or k)."""
+    options = {"first choice": 1, f"all top-{top_k} picks": top_k}
+    label = st.radio("Count load by", list(options), horizontal=True, key=f"{key}-{top_k}",
+                     help="First choice: each token counts once, for its highest-weighted expert. "
+                     f"All top-{top_k} picks: each token counts for every expert it uses, so loads sum to {top_k}.")
+    return options[label]
+
+
+def load_title(picks: int, where: str) -> str:
+    """A load chart's title, saying what was counted."""
+    counted_as = "by first choice" if picks == 1 else f"counting all top-{picks} picks"
+    return f"Share of tokens per expert, {counted_as} · {where}"
 
 
 def layer_picker(trace: RoutingTrace, key: str, label: str = "Layer") -> int:
@@ -264,8 +358,9 @@ REPEAT_LABELS = {
 
 
 def repeat_rate_figure(trace: RoutingTrace):
-    """Mixtral Table 5 rates by layer, each against its chance level."""
-    rates, chance = metrics.repeat_rates(trace), metrics.repeat_chance(trace)
+    """Mixtral Table 5 rates by layer, over the pairs the statistics count, each against its
+    chance level."""
+    rates, chance = repeat_rates(trace), metrics.repeat_chance(trace)
     return charts.repeat_rate_chart(
         trace.layer_ids,
         {label: getattr(rates, name) for name, label in REPEAT_LABELS.items()},

@@ -217,7 +217,7 @@ class AppPage:
 
     def token_counts(self) -> list[int]:
         captions = self.page.locator('[data-testid="stCaptionContainer"]').all_inner_texts()
-        return [int(m.group(1).replace(",", "")) for c in captions if (m := re.match(r"([\d,]+) tokens · ", c))]
+        return [int(m.group(1).replace(",", "")) for c in captions if (m := re.match(r"([\d,]+) tokens? · ", c))]
 
     def alerts(self, where: str = "") -> list[str]:
         return self.page.locator(f'{where} [data-testid="stAlert"]'.strip()).all_inner_texts()

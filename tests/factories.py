@@ -17,11 +17,14 @@ def make_trace(
     tokens=None,
     scoring: str = "softmax",
     num_layers: int | None = None,
+    token_ids=None,
+    special_ids=(),
+    generated_from: int = -1,
 ) -> RoutingTrace:
     """A RoutingTrace from small literal arrays.
 
     topk_ids: int[layers, tokens, k]. Missing logits default to zeros (uniform router);
-    missing weights to 1/k each. Tokens default to "t0", "t1", ...
+    missing weights to 1/k each. Tokens default to "t0", "t1", ..., token ids to 0, 1, ...
     """
     topk_ids = np.asarray(topk_ids, dtype=np.int32)
     layers, count, k = topk_ids.shape
@@ -45,9 +48,11 @@ def make_trace(
         layer_ids=layer_ids,
         text=text,
         tokens=tokens,
-        token_ids=list(range(count)),
+        token_ids=list(token_ids) if token_ids is not None else list(range(count)),
         offsets=[(int(starts[i]), int(starts[i + 1])) for i in range(count)],
         topk_ids=topk_ids,
         topk_weights=np.asarray(topk_weights, dtype=np.float32),
         router_logits=np.asarray(router_logits, dtype=np.float32),
+        special_ids=list(special_ids),
+        generated_from=generated_from,
     )

@@ -12,9 +12,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from moeviz.analysis import metrics
-from moeviz.model.capture import trace_text
-from moeviz.model.generation import Sampling, trace_generation
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import load_model
+from moeviz.model.tokens import context_length
 from moeviz.ui import default_model_source, presets
 
 TIMEOUT = 300
@@ -37,13 +38,28 @@ def run_page(page: str | None = None) -> AppTest:
 
 
 def token_counts(app: AppTest) -> list[int]:
+    """The counted tokens each trace's summary line gives ("1 token · ...", "511 tokens · ...")."""
     captions = [c.value for c in app.caption]
-    return [int(m.group(1).replace(",", "")) for c in captions if (m := re.match(r"([\d,]+) tokens", c))]
+    return [int(m.group(1).replace(",", "")) for c in captions if (m := re.match(r"([\d,]+) tokens? · ", c))]
+
+
+def limit(model) -> int:
+    """The app's default token limit: the model's trained context, at most 2,048."""
+    return min(DEFAULT_MAX_TOKENS, context_length(model.model.config))
+
+
+def app_trace(model, text: str):
+    """The trace the app makes of `text` at its default token limit."""
+    return trace_text(model.model, model.tokenizer, text, model_id=model.model_id, max_tokens=limit(model))
+
+
+def counted_tokens(trace) -> int:
+    return trace.num_tokens - int(trace.special.sum())
 
 
 def test_analyse_page_shows_the_token_count_of_the_preset(model):
     app = run_page()
-    expected = trace_text(model.model, model.tokenizer, presets()["english"]).num_tokens
+    expected = counted_tokens(app_trace(model, presets()["english"]))
     assert token_counts(app) == [expected]
     assert app.text_area(key="analyse_text").value == presets()["english"]
 
@@ -53,8 +69,8 @@ def test_analyse_page_follows_typed_text_and_layer_slider(model):
     text = "<script>alert(1)</script> hello world"
     app.text_area(key="analyse_text").set_value(text).run()
     assert not app.exception
-    trace = trace_text(model.model, model.tokenizer, text)
-    assert token_counts(app) == [trace.num_tokens]
+    trace = app_trace(model, text)
+    assert token_counts(app) == [counted_tokens(trace)]
     slider = app.select_slider[0]
     slider.set_value(trace.layer_ids[-1]).run()
     assert not app.exception
@@ -70,15 +86,14 @@ def test_empty_text_gives_a_hint_not_an_error():
 
 def test_compare_layers_page(model):
     app = run_page("app_pages/compare_layers.py")
-    expected = trace_text(model.model, model.tokenizer, presets()["python"]).num_tokens
+    expected = counted_tokens(app_trace(model, presets()["python"]))
     assert token_counts(app) == [expected]
     assert any("transitions" in h.value for h in app.subheader)
 
 
 def test_compare_prompts_page(model):
     app = run_page("app_pages/compare_prompts.py")
-    expected = [trace_text(model.model, model.tokenizer, presets()[name]).num_tokens
-                for name in ("english", "python", "math")]
+    expected = [counted_tokens(app_trace(model, presets()[name])) for name in ("english", "python", "math")]
     assert token_counts(app) == expected
     assert any("Jensen" in h.value for h in app.subheader)
 
@@ -96,14 +111,14 @@ def plotly_specs(app: AppTest) -> list[str]:
 
 def test_uploaded_trace_file_reproduces_the_same_charts(model):
     text_app = run_page()
-    trace = trace_text(model.model, model.tokenizer, presets()["english"], model_id=model.model_id)
+    trace = app_trace(model, presets()["english"])
 
     file_app = run_page()
     file_app.radio(key="analyse_text_source").set_value("Trace file").run()
     file_app.get("file_uploader")[0].set_value(("english.safetensors", trace.to_bytes(), "application/octet-stream"))
     file_app.run()
     assert not file_app.exception
-    assert token_counts(file_app) == [trace.num_tokens]
+    assert token_counts(file_app) == [counted_tokens(trace)]
     specs = plotly_specs(file_app)
     assert len(specs) == 4 and specs == plotly_specs(text_app)
 
@@ -125,29 +140,30 @@ def test_generation_mode_marks_generated_tokens(model):
     app.number_input(key="analyse_text_new_tokens").set_value(5).run()
     assert not app.exception
     prompt = app.text_area(key="analyse_text_prompt").value
-    expected = trace_generation(model.model, model.tokenizer, prompt, Sampling(max_new_tokens=5))
+    expected = trace_generation(model.model, model.tokenizer, prompt, Sampling(max_new_tokens=5), max_tokens=limit(model))
     generated = expected.num_tokens - expected.generated_from  # fewer than 5 if it ends the text
-    assert any(c.value == f"{generated} tokens generated (marked in the charts)." for c in app.caption)
+    assert any(c.value == f"{generated} token{'' if generated == 1 else 's'} generated (marked in the charts); "
+               f"it stopped because {STOP_REASONS[expected.stop_reason]}." for c in app.caption)
     assert "moeviz-generated" in app.get("html")[0].proto.body
 
 
 def test_domains_page_shows_fig7_loads_and_table5_rates(model):
     app = run_page("app_pages/domains.py")
-    traces = {d: trace_text(model.model, model.tokenizer, text) for d, text in presets().items()}
+    traces = {d: app_trace(model, text) for d, text in presets().items()}
     summary = next(c.value for c in app.caption if c.value.endswith("tokens") and "domains" in c.value)
     for domain, trace in traces.items():
-        assert f"{domain}: {trace.num_tokens:,} tokens" in summary
+        assert f"{domain}: {counted_tokens(trace):,} tokens" in summary
 
     [loads_spec] = [json.loads(c.proto.spec) for c in app.get("plotly_chart")][:1]
     first_layer = next(iter(traces.values())).layer_ids[0]
     bars = {bar["name"]: bar["y"] for bar in loads_spec["data"] if bar["type"] == "bar"}
     for domain, trace in traces.items():
-        expected = metrics.expert_load(trace, 1)[trace.layer_index(first_layer)]
+        expected = metrics.expert_load(metrics.counted(trace), 1)[trace.layer_index(first_layer)]
         assert np.allclose(decode_plotly_array(bars[domain]), expected)
 
     table = app.dataframe[0].value
     english = traces["english"]
-    rates = metrics.repeat_rates(english)
+    rates = metrics.repeat_rates(english, include_special=False)
     row = table[(table.domain == "english") & (table.layer == english.layer_ids[-1])].iloc[0]
     assert row["same first choice"] == pytest.approx(rates.same_first[-1])
     assert row["any shared expert"] == pytest.approx(rates.any_shared[-1])

@@ -173,9 +173,10 @@ class _TokenViewParser(HTMLParser):
         self.tags.add(tag)
         attrs = dict(attrs)
         style = dict(part.split(":", 1) for part in attrs.get("style", "").split(";") if part)
-        if attrs.get("class") in ("moeviz-token", "moeviz-swatch"):
+        kind = (attrs.get("class") or "").split(" ")[0]  # "moeviz-token moeviz-left-out" is a token
+        if kind in ("moeviz-token", "moeviz-swatch"):
             self._current = {"title": attrs["title"], "background": style["background-color"], "text": ""}
-            (self.tokens if attrs["class"] == "moeviz-token" else self.swatches).append(self._current)
+            (self.tokens if kind == "moeviz-token" else self.swatches).append(self._current)
         elif tag == "br" and self._current is not None:
             self._current["text"] += "<BR>"
 
@@ -516,3 +517,35 @@ def test_encoder_decoder_layers_are_labelled_with_their_stack(switch_like):
     assert list(rates.layout.xaxis.ticktext) == ["enc 1", "enc 3", "dec 1", "dec 3"]
     with pytest.raises(ValueError, match="3 layer labels for 4 layers"):
         repeat_rate_chart(trace.layer_ids, {"a": [0.1] * 4}, {"a": [0.2] * 4}, layer_labels=["a", "b", "c"])
+
+
+def test_token_view_greys_left_out_special_tokens_and_counts_the_rest(trace):
+    left_out = np.array([True, False, False, False, False])  # "<s>"
+    page = token_view_html(trace, 1, left_out=left_out)
+    parsed = _parse(page)
+    colors = expert_colors(4)
+    assert [t["background"] for t in parsed.tokens] == ["#e8e8e8"] + [colors[e] for e in trace.first_choice[0][1:]]
+    assert parsed.tokens[0]["title"].startswith("special token, left out of the statistics")
+    # First choices of the four counted tokens: 3, 1, 2, 0: one each (expert 0 had 2 with <s>).
+    assert [s["title"] for s in parsed.swatches] == ["1 token"] * 4
+    assert page.count("moeviz-left-out") == 1 and "grey: special tokens" in page
+    with pytest.raises(ValueError, match="one flag per token"):
+        token_view_html(trace, 1, left_out=[True])
+
+
+def test_repeat_rate_chart_draws_one_chance_line_for_texts_sharing_it():
+    """Compare prompts: every text has the chance 1/E: one grey line, not one per text."""
+    rates = {"text 1": [0.3, 0.5], "text 2": [0.2, 0.4], "text 3": [0.1, 0.2]}
+    fig = repeat_rate_chart([1, 3], rates, {name: [0.125, 0.125] for name in rates},
+                            layer_labels=["layer 1", "layer 3"])
+    assert [t.name for t in fig.data] == ["text 1", "text 2", "text 3", "chance"]
+    np.testing.assert_array_equal(fig.data[-1].y, [0.125, 0.125])
+    assert list(fig.layout.xaxis.ticktext) == ["layer 1", "layer 3"] and list(fig.layout.xaxis.tickvals) == [1, 3]
+
+
+def test_comparison_titles_say_what_they_show():
+    js = js_matrix_heatmap(["english", "python"], [[0.0, 0.2], [0.2, 0.0]])
+    assert js.layout.title.text == "Jensen–Shannon divergence between expert loads (bits)"
+    assert js_matrix_heatmap(["a", "b"], np.zeros((2, 2)), title="t").layout.title.text == "t"
+    loads = load_comparison_chart({"a": [0.5, 0.5]}, 0.5, title="Share of tokens per expert, first choice")
+    assert loads.layout.title.text == "Share of tokens per expert, first choice"

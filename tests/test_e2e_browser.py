@@ -24,6 +24,7 @@ import moeviz.ui
 from moeviz.analysis import metrics
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
 from moeviz.model.loading import load_model
+from moeviz.model.tokens import context_length
 from moeviz.trace import RoutingTrace
 from moeviz.ui import default_model_source, presets
 from moeviz.views import charts
@@ -75,8 +76,18 @@ def tab(browser, server):
 # -- expected values, from the library ------------------------------------------------------------
 
 
+def app_limit(model) -> int:
+    """The app's default token limit: the model's trained context, at most 2,048."""
+    return min(DEFAULT_MAX_TOKENS, context_length(model.model.config))
+
+
 def expected_trace(model, text: str) -> RoutingTrace:
-    return trace_text(model.model, model.tokenizer, text, model_id=model.model_id, max_tokens=DEFAULT_MAX_TOKENS)
+    return trace_text(model.model, model.tokenizer, text, model_id=model.model_id, max_tokens=app_limit(model))
+
+
+def counted_tokens(trace: RoutingTrace) -> int:
+    """The tokens the statistics count: special ones (BOS) are left out by default."""
+    return trace.num_tokens - int(trace.special.sum())
 
 
 def rgb(color: str) -> str:
@@ -84,15 +95,17 @@ def rgb(color: str) -> str:
 
 
 def assert_routing_shown(app: AppPage, trace: RoutingTrace, layer: int) -> None:
-    """The Analyse page shows `trace` at `layer`: token view, router scores, expert load."""
+    """The Analyse page shows `trace` at `layer`: token view (special tokens grey), router
+    scores, expert load (special tokens left out)."""
     index = trace.layer_index(layer)
-    assert app.token_counts() == [trace.num_tokens]
+    assert app.token_counts() == [counted_tokens(trace)]
     assert any(heading.endswith(f"· layer {layer}") for heading in app.subheaders())
 
     shown = app.token_view()
     assert [text for text, _, _ in shown] == TokenView(charts.token_view_html(trace, layer)).tokens
     colors = charts.expert_colors(trace.num_experts)
-    assert [color for _, _, color in shown] == [rgb(colors[e]) for e in trace.first_choice[index]]
+    assert [color for _, _, color in shown] == [rgb("#e8e8e8") if special else rgb(colors[e])
+                                                for e, special in zip(trace.first_choice[index], trace.special)]
     picks = [[(int(e), float(w)) for e, w in re.findall(r"expert (\d+): ([\d.]+)", title)] for _, title, _ in shown]
     np.testing.assert_array_equal([[e for e, _ in row] for row in picks], trace.topk_ids[index])
     np.testing.assert_allclose([[w for _, w in row] for row in picks], trace.topk_weights[index], atol=0.006)
@@ -101,8 +114,9 @@ def assert_routing_shown(app: AppPage, trace: RoutingTrace, layer: int) -> None:
     scores, chosen = figures["probabilities"]
     np.testing.assert_allclose(scores["z"], trace.router_probs[index].T, atol=1e-4)
     np.testing.assert_array_equal(chosen["y"], trace.topk_ids[index].reshape(-1))
-    bars = figures["expert_load"][0]
-    np.testing.assert_allclose(bars["y"], metrics.expert_load(trace, 1)[index], atol=1e-9)
+    if counted_tokens(trace) >= 2:
+        bars = figures["expert_load"][0]
+        np.testing.assert_allclose(bars["y"], metrics.expert_load(metrics.counted(trace), 1)[index], atol=1e-9)
 
 
 # -- pages -------------------------------------------------------------------------------------------
@@ -114,12 +128,12 @@ def test_analyse_page_shows_the_routing_of_the_default_preset(tab, model):
     assert tab.text_value("analyse_text") == presets()["english"]
     assert_routing_shown(tab, trace, trace.layer_ids[0])
     legend = tab.page.locator(".moeviz-legend .moeviz-swatch").all_inner_texts()
-    assert legend == [f"expert {e}" for e in np.unique(trace.first_choice[0])]
+    assert legend == [f"expert {e}" for e in np.unique(trace.first_choice[0][~trace.special])]
     with tab.page.expect_download() as download:  # the chart's data as a CSV file
         tab.page.locator(".st-key-expert_load_csv button").click()
     table = pd.read_csv(download.value.path())
     assert download.value.suggested_filename == "expert_load.csv"
-    np.testing.assert_allclose(table[table.trace == "load"].y, metrics.expert_load(trace, 1)[0], atol=1e-9)
+    np.testing.assert_allclose(table[table.trace == "load"].y, metrics.expert_load(metrics.counted(trace), 1)[0], atol=1e-9)
     tab.screenshot("analyse")
 
 
@@ -143,13 +157,14 @@ def test_pasted_text_and_layer_slider(tab, model, server):
 
 def test_compare_layers_page(tab, model):
     tab.open("compare_layers")
-    trace = expected_trace(model, presets()["python"])
-    assert tab.token_counts() == [trace.num_tokens]
+    full = expected_trace(model, presets()["python"])
+    assert tab.token_counts() == [counted_tokens(full)]
+    trace = metrics.counted(full)  # what every statistic counts; load by first choice, the default
     figures = tab.figures()
 
     (heatmap,) = figures["layer_load"]
     expected = np.full((trace.num_layers, trace.num_experts), np.nan)
-    expected[trace.layer_ids] = metrics.expert_load(trace)
+    expected[trace.layer_ids] = metrics.expert_load(trace, 1)
     np.testing.assert_allclose(heatmap["z"], expected, atol=1e-9)
 
     chosen = sorted({trace.layer_ids[0], trace.layer_ids[-1]})
@@ -157,7 +172,7 @@ def test_compare_layers_page(tab, model):
         bars = figures["layer_loads"]
         assert [bar["name"] for bar in bars[: len(chosen)]] == [f"layer {n}" for n in chosen]
         for bar, layer in zip(bars, chosen):
-            np.testing.assert_allclose(bar["y"], metrics.expert_load(trace)[trace.layer_index(layer)], atol=1e-9)
+            np.testing.assert_allclose(bar["y"], metrics.expert_load(trace, 1)[trace.layer_index(layer)], atol=1e-9)
         (sankey,) = figures["layer_transitions"]
         a, b = (trace.layer_index(n) for n in chosen)
         counts = metrics.layer_transitions(trace, a, b)
@@ -174,10 +189,10 @@ def test_compare_prompts_page(tab, model):
     tab.open("compare_prompts")
     names = ["english", "python", "math"]
     traces = [expected_trace(model, presets()[name]) for name in names]
-    assert tab.token_counts() == [trace.num_tokens for trace in traces]
+    assert tab.token_counts() == [counted_tokens(trace) for trace in traces]
     figures = tab.figures()
     layer = traces[0].layer_ids[0]
-    loads = [metrics.expert_load(trace)[trace.layer_index(layer)] for trace in traces]
+    loads = [metrics.expert_load(metrics.counted(trace), 1)[trace.layer_index(layer)] for trace in traces]
     bars = figures["prompt_loads"]
     assert [bar["name"] for bar in bars[:3]] == ["text 1", "text 2", "text 3"]
     for bar, load in zip(bars, loads):
@@ -259,10 +274,11 @@ def test_long_text_is_cut_with_a_notice(hostile_tab, model):
     hostile_tab.paste_text("analyse_text", text)  # typing 200,000 characters takes a person a while
     assert len(hostile_tab.text_value("analyse_text")) == len(text)
     total = len(model.tokenizer(text)["input_ids"])
-    assert hostile_tab.token_counts() == [DEFAULT_MAX_TOKENS]
-    assert hostile_tab.alerts() == [f"The text has {total:,} tokens; only the first {DEFAULT_MAX_TOKENS:,} were "
+    limit = app_limit(model)
+    assert hostile_tab.token_counts() == [counted_tokens(expected_trace(model, text))]
+    assert hostile_tab.alerts() == [f"The text has {total:,} tokens; only the first {limit:,} were "
                                     "analysed (the token limit is in the sidebar)."]
-    assert len(hostile_tab.token_view()) == DEFAULT_MAX_TOKENS
+    assert len(hostile_tab.token_view()) == limit
     hostile_tab.screenshot("hostile-200000-characters")
 
 

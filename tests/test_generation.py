@@ -27,6 +27,7 @@ def test_generation_trace_equals_single_forward(request, tokenizer, model_name, 
     prompt_length = len(tokenizer(prompt)["input_ids"])
 
     assert trace.generated and trace.generated_from == prompt_length
+    assert trace.special_ids == [0, 1]  # <s>, </s>; <unk> stands for text
     assert trace.num_tokens == prompt_length + 12  # the tiny vocabulary has no reachable EOS here
     assert trace.text.startswith(prompt) and len(trace.text) > len(prompt)
     reference = single_forward_trace(model, trace)
@@ -80,3 +81,82 @@ def test_generated_part_is_marked_in_the_charts(tokenizer, tiny_mixtral):
     Spans().feed(charts.token_view_html(trace, layer))
     marked = ["moeviz-generated" in c for c in classes]
     assert marked == [i >= trace.generated_from for i in range(trace.num_tokens)]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A real SentencePiece-style tokenizer (Metaspace: "▁" marks a space; decoding drops the
+    one at the start of a sequence), as Mixtral's and Llama 2's tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import TRAINING_TEXT
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.train_from_iterator(TRAINING_TEXT, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_continuation_keeps_the_space_sentencepiece_drops_at_a_sequence_start(sentencepiece_tokenizer):
+    from moeviz.model.generation import with_generation
+    from moeviz.model.tokens import tokenize
+
+    tok = sentencepiece_tokenizer
+    new_ids = tok(" brown", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(new_ids)[0].startswith("\u2581")
+    _, text = with_generation(tok, "The quick", tokenize(tok, "The quick", 100), new_ids + [tok.eos_token_id])
+    assert text == "The quick brown"  # decoding " brown" alone gives "brown": "The quickbrown"
+
+
+def test_generated_text_is_the_whole_sequence_decoded(sentencepiece_tokenizer):
+    from transformers import MixtralForCausalLM
+
+    from conftest import tiny_mixtral_config
+
+    tok = sentencepiece_tokenizer
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(tiny_mixtral_config(vocab_size=len(tok))).eval()
+    trace = trace_generation(model, tok, "The quick brown fox", Sampling(max_new_tokens=8))
+    assert trace.text == tok.decode(trace.token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    generated = trace.offsets[trace.generated_from:]
+    assert generated[0][0] == len("The quick brown fox") and generated[-1][1] == len(trace.text)
+
+
+def test_generation_stops_on_every_end_of_sequence_id(tokenizer, tiny_mixtral):
+    """generation_config.eos_token_id may be a list (Llama 3: end of text and end of turn);
+    each id in it ends the generation, as `model.generate` does."""
+    free = trace_generation(tiny_mixtral, tokenizer, "The quick brown fox", Sampling(max_new_tokens=12))
+    new = free.token_ids[free.generated_from:]
+    stop_at = next(i for i in range(2, len(new)) if new[i] not in new[:i])
+    saved = tiny_mixtral.generation_config.eos_token_id
+    tiny_mixtral.generation_config.eos_token_id = [tokenizer.eos_token_id, new[stop_at]]
+    try:
+        trace = trace_generation(tiny_mixtral, tokenizer, "The quick brown fox", Sampling(max_new_tokens=12))
+    finally:
+        tiny_mixtral.generation_config.eos_token_id = saved
+    assert trace.token_ids[trace.generated_from:] == new[: stop_at + 1]
+    assert trace.stop_reason == "eos" and free.stop_reason == "max_new_tokens"
+
+
+def test_stop_reason_names_the_limit_that_stopped_generation(tokenizer, tiny_mixtral):
+    from transformers import MixtralForCausalLM
+
+    from conftest import tiny_mixtral_config
+    from moeviz.trace import RoutingTrace
+
+    prompt = "The quick brown fox"
+    length = len(tokenizer(prompt)["input_ids"])
+    limited = trace_generation(tiny_mixtral, tokenizer, prompt, Sampling(max_new_tokens=12), max_tokens=length + 3)
+    assert limited.num_tokens == length + 3 and limited.stop_reason == "token_limit"
+
+    config = tiny_mixtral_config()
+    config.max_position_embeddings = length + 2
+    torch.manual_seed(0)
+    short = MixtralForCausalLM(config).eval()
+    trace = trace_generation(short, tokenizer, prompt, Sampling(max_new_tokens=12))
+    assert trace.num_tokens == length + 2 and trace.stop_reason == "context"
+    assert RoutingTrace.from_bytes(trace.to_bytes()).stop_reason == "context"
+    with pytest.raises(ValueError, match=f"trained on {length + 2} positions"):
+        trace_generation(short, tokenizer, prompt + " jumps over the lazy dog", Sampling(max_new_tokens=12))

@@ -14,6 +14,7 @@ import pytest
 import safetensors.numpy
 from hostile import BLANK_TEXTS, HOSTILE_TEXTS, LONG_TEXT_CHARS, TokenView, long_text
 from streamlit.testing.v1 import AppTest
+from test_app import app_trace, counted_tokens, limit, token_counts
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moeviz.analysis import metrics
@@ -293,10 +294,6 @@ def test_corrupt_model_safetensors_is_refused_never_loaded_random(checkpoint, tm
 # -- the app, one session through all of it ---------------------------------------------------------
 
 
-def token_counts(app: AppTest) -> list[int]:
-    return [int(c.value.split(" tokens")[0].replace(",", "")) for c in app.caption if " tokens · " in c.value]
-
-
 @pytest.fixture()
 def app() -> AppTest:
     app = AppTest.from_file(APP, default_timeout=TIMEOUT)
@@ -315,22 +312,22 @@ def test_app_session_survives_every_hostile_text(app, model):
     for name, text in HOSTILE_TEXTS.items():
         enter_text(app, text)
         assert not app.error, (name, [e.value for e in app.error])
-        assert token_counts(app) == [trace_of(model, text).num_tokens], name
+        assert token_counts(app) == [counted_tokens(app_trace(model, text))], name
     for name, text in BLANK_TEXTS.items():
         enter_text(app, text)
         assert not app.error and token_counts(app) == [], name
         assert any("Paste or type some text" in i.value for i in app.info), name
     enter_text(app, "Back to normal text.")
-    assert not app.error and token_counts(app) == [trace_of(model, "Back to normal text.").num_tokens]
+    assert not app.error and token_counts(app) == [counted_tokens(app_trace(model, "Back to normal text."))]
 
 
 def test_app_cuts_a_long_text_with_a_notice(app, model):
     text = long_text()
     enter_text(app, text)
     total = len(model.tokenizer(text)["input_ids"])
-    assert token_counts(app) == [DEFAULT_MAX_TOKENS]
+    assert token_counts(app) == [counted_tokens(app_trace(model, text))]
     assert [w.value for w in app.warning] == [
-        f"The text has {total:,} tokens; only the first {DEFAULT_MAX_TOKENS:,} were analysed "
+        f"The text has {total:,} tokens; only the first {limit(model):,} were analysed "
         "(the token limit is in the sidebar)."]
 
 
@@ -365,4 +362,4 @@ def test_app_session_survives_bad_model_folders(app, model, bad_models):
         assert token_counts(app) == [], name
     app.sidebar.text_input(key="model_source").set_value(default_model_source()).run()
     assert not app.exception and not app.sidebar.error
-    assert token_counts(app) == [trace_of(model, app.text_area(key="analyse_text").value).num_tokens]
+    assert token_counts(app) == [counted_tokens(app_trace(model, app.text_area(key="analyse_text").value))]

@@ -117,7 +117,7 @@ def test_analyse_page_shows_id_charts_and_a_notice_for_an_ids_only_trace(engine_
     shown = figures(app)
     layer = engine_trace.layer_ids[0]
     assert not any(title.startswith("Router scores") for title in shown)
-    load = shown[f"Share of tokens per expert · layer {layer}"]["data"][0]
+    load = shown[f"Share of tokens per expert, by first choice · layer {layer}"]["data"][0]
     np.testing.assert_allclose(decode(load["y"]), metrics.expert_load(engine_trace, 1)[0])
     coactivation = shown["Experts chosen together"]["data"][0]
     np.testing.assert_array_equal(decode(coactivation["z"]), metrics.coactivation(engine_trace, 0))

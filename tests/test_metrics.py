@@ -390,3 +390,85 @@ def test_capacity_matches_the_switch_loop(random_trace, capacity_factor):
     drops, dropped = switch_capacity_loop(trace.topk_ids, trace.num_experts, capacity)
     np.testing.assert_array_equal(metrics.capacity_drops(trace, capacity_factor), drops)
     np.testing.assert_allclose(metrics.dropped_token_share(trace, capacity_factor), dropped.mean(axis=1))
+
+
+# -- special tokens ----------------------------------------------------------------------
+
+# One layer, top-1, three experts. Ids 0 (<s>) and 1 (</s>) are special; </s> sits mid-text.
+#                 <s>  a    </s> b    c
+WITH_SPECIALS = [[[0], [1], [0], [1], [2]]]
+
+
+@pytest.fixture
+def with_specials():
+    return make_trace(WITH_SPECIALS, num_experts=3, tokens=["<s>", "a", "</s>", "b", "c"],
+                      token_ids=[0, 5, 1, 6, 7], special_ids=[0, 1], generated_from=3)
+
+
+def test_special_mask_comes_from_the_tokenizers_special_ids(with_specials):
+    np.testing.assert_array_equal(with_specials.special, [True, False, True, False, False])
+    np.testing.assert_array_equal(metrics.counted_tokens(with_specials), [False, True, False, True, True])
+    assert metrics.counted_tokens(with_specials, include_special=True).all()
+
+
+def test_counted_trace_leaves_special_tokens_out_of_load(with_specials):
+    kept = metrics.counted(with_specials)
+    assert kept.tokens == ["a", "b", "c"] and kept.token_ids == [5, 6, 7]
+    assert kept.offsets == [with_specials.offsets[i] for i in (1, 3, 4)] and kept.text == with_specials.text
+    assert kept.generated_from == 1 and kept.tokens[kept.generated_from] == "b"  # b was the first generated
+    assert not kept.truncated
+    # First choices of a, b, c: experts 1, 1, 2. With <s> and </s> (expert 0) counted: 2, 2, 1 of 5.
+    np.testing.assert_allclose(metrics.expert_load(kept), [[0, 2 / 3, 1 / 3]])
+    np.testing.assert_allclose(metrics.expert_load(metrics.counted(with_specials, True)), [[2 / 5, 2 / 5, 1 / 5]])
+
+
+def test_counted_trace_drops_generated_marker_when_no_generated_token_is_left():
+    trace = make_trace([[[0], [1], [0]]], token_ids=[5, 6, 1], special_ids=[1], generated_from=2)
+    assert metrics.counted(trace).generated_from == -1 and not metrics.counted(trace).generated
+
+
+def test_repeat_rates_never_pair_across_a_left_out_token(with_specials):
+    # All 4 pairs: (<s>,a) 0/1, (a,</s>) 1/0, (</s>,b) 0/1, (b,c) 1/2: no repeat.
+    np.testing.assert_allclose(metrics.repeat_rates(with_specials).same_first, [0.0])
+    np.testing.assert_array_equal(metrics.counted_pairs(with_specials), [False, False, False, True])
+    # Only (b, c) counts; bridging </s> would have added (a, b), both expert 1, and reported 50%.
+    np.testing.assert_allclose(metrics.repeat_rates(with_specials, include_special=False).same_first, [0.0])
+    np.testing.assert_allclose(metrics.repeat_rates(metrics.counted(with_specials)).same_first, [0.5])
+
+
+def test_trace_without_special_ids_counts_every_token(skewed):
+    assert not skewed.special.any() and metrics.counted(skewed) is skewed
+
+
+def test_special_ids_survive_a_file_and_old_files_without_them_still_open(with_specials):
+    import json
+
+    import safetensors.numpy
+
+    from moeviz.trace import RoutingTrace
+
+    again = RoutingTrace.from_bytes(with_specials.to_bytes())
+    assert again.special_ids == [0, 1]
+    np.testing.assert_array_equal(again.special, with_specials.special)
+
+    data = with_specials.to_bytes()
+    meta = json.loads(json.loads(data[8: 8 + int.from_bytes(data[:8], "little")])["__metadata__"]["fields"])
+    del meta["special_ids"], meta["stop_reason"]  # as written before these fields existed
+    old = safetensors.numpy.save({"topk_ids": with_specials.topk_ids, "topk_weights": with_specials.topk_weights,
+                                  "router_logits": with_specials.router_logits},
+                                 metadata={"format": "moeviz-trace", "version": "1", "fields": json.dumps(meta)})
+    opened = RoutingTrace.from_bytes(old)
+    assert opened.special_ids == [] and not opened.special.any() and opened.stop_reason == ""
+
+
+# -- transition concentration ------------------------------------------------------------
+
+
+def test_transition_concentration_by_hand():
+    # Earlier expert 0 sends 3 tokens to 0 and 1 to 1; expert 1 sends 2 to 1: 5 of 6 follow
+    # their expert's main path. The later layer's largest share is 3 / 6.
+    assert metrics.transition_concentration([[3, 1], [0, 2]]) == pytest.approx((5 / 6, 1 / 2))
+    # A permutation is fully concentrated, whatever the ids: ids are not compared.
+    assert metrics.transition_concentration([[0, 2], [3, 0]]) == pytest.approx((1.0, 3 / 5))
+    with pytest.raises(ValueError, match="non-empty"):
+        metrics.transition_concentration([[0, 0], [0, 0]])

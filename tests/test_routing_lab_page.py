@@ -17,10 +17,11 @@ import pytest
 from factories import make_trace
 from streamlit.testing.v1 import AppTest
 
-from moeviz.analysis import policies
+from moeviz.analysis import metrics, policies
 from moeviz.analysis.metrics import expert_capacity
-from moeviz.model.capture import trace_text
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
 from moeviz.model.loading import load_model
+from moeviz.model.tokens import context_length
 from moeviz.ui import default_model_source, presets
 
 TIMEOUT = 300
@@ -30,8 +31,11 @@ PAGE = "app_pages/routing_lab.py"
 
 @pytest.fixture(scope="module")
 def trace():
+    """The tokens the lab routes: the app's trace of the preset at its default token limit,
+    special tokens left out as the statistics leave them out."""
     loaded = load_model(default_model_source())
-    return trace_text(loaded.model, loaded.tokenizer, presets()["english"])
+    limit = min(DEFAULT_MAX_TOKENS, context_length(loaded.model.config))
+    return metrics.counted(trace_text(loaded.model, loaded.tokenizer, presets()["english"], max_tokens=limit))
 
 
 def open_lab() -> AppTest:

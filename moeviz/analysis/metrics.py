@@ -9,10 +9,15 @@ transformers' `load_balancing_loss_func`. Every function assumes, as every top-k
 guarantees, that a token's k experts are distinct. `router_entropy` and `balance_loss` need
 router scores, so they raise `IdsOnlyError` for a trace of expert ids only (from a serving
 engine); everything else is counted from the ids.
+
+Every function counts all the tokens of the trace it is given. Special tokens (BOS, EOS, PAD)
+are routed alike in every text, so statistics usually leave them out: pass `counted(trace)`,
+and for repeat rates the whole trace with `include_special=False` (see `counted_pairs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -20,6 +25,56 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from moeviz.trace import RoutingTrace
+
+# -- which tokens count -------------------------------------------------------------------
+
+
+def counted_tokens(trace: RoutingTrace, include_special: bool = False) -> np.ndarray:
+    """bool[tokens]: the tokens statistics count: all, or all but `trace.special` ones."""
+    return np.ones(trace.num_tokens, dtype=bool) if include_special else ~trace.special
+
+
+def counted(trace: RoutingTrace, include_special: bool = False) -> RoutingTrace:
+    """The trace restricted to its `counted_tokens` (the trace itself when all count).
+
+    Not for repeat rates: a special token removed from the middle of a text would make its
+    neighbours look adjacent. Use `repeat_rates(trace, include_special)` on the whole trace.
+    """
+    return restrict(trace, counted_tokens(trace, include_special))
+
+
+def restrict(trace: RoutingTrace, keep: ArrayLike) -> RoutingTrace:
+    """The trace of the tokens `keep` bool[tokens] marks, in order: arrays, tokens, ids and
+    offsets cut to them, `text` whole, `generated_from` and `input_token_count` re-counted."""
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (trace.num_tokens,):
+        raise ValueError(f"keep has shape {keep.shape}; expected one flag per token ({trace.num_tokens},)")
+    if keep.all():
+        return trace
+    kept = np.flatnonzero(keep)
+    generated_from = int(keep[: trace.generated_from].sum()) if trace.generated else -1
+    return dataclasses.replace(
+        trace,
+        tokens=[trace.tokens[i] for i in kept],
+        token_ids=[trace.token_ids[i] for i in kept],
+        offsets=[trace.offsets[i] for i in kept],
+        topk_ids=trace.topk_ids[:, keep],
+        topk_weights=None if trace.topk_weights is None else trace.topk_weights[:, keep],
+        router_logits=None if trace.router_logits is None else trace.router_logits[:, keep],
+        input_token_count=trace.input_token_count - int((~keep).sum()),
+        generated_from=generated_from if generated_from < kept.size else -1,
+    )
+
+
+def counted_pairs(trace: RoutingTrace, include_special: bool = False) -> np.ndarray:
+    """bool[tokens - 1]: the adjacent pairs (t, t+1) repeat rates count: both tokens counted.
+
+    A pair is never formed across a left-out token: in "a </s> b" neither (a, </s>),
+    (</s>, b) nor (a, b) counts, since the model never saw a and b side by side.
+    """
+    keep = counted_tokens(trace, include_special)
+    return keep[:-1] & keep[1:]
+
 
 # -- load and router scores --------------------------------------------------------------
 
@@ -137,14 +192,15 @@ class RepeatRates:
     any_shared: np.ndarray
 
 
-def repeat_rates(trace: RoutingTrace) -> RepeatRates:
-    """Share of the T-1 adjacent token pairs (t, t+1) that repeat an expert, per layer.
+def repeat_rates(trace: RoutingTrace, include_special: bool = True) -> RepeatRates:
+    """Share of the T-1 adjacent token pairs (t, t+1) that repeat an expert, per layer; with
+    `include_special=False`, of the `counted_pairs` only (no pair touches a special token).
 
     Mixtral of Experts, Sec. 5, Table 5: its "first choice" column is `same_first`, its
     "first or second choice" column (chance 46% for top-2 of 8) is `any_shared`.
     """
     _require_tokens(trace, 2)
-    return repeat_rates_from_ids(trace.topk_ids)
+    return repeat_rates_from_ids(trace.topk_ids, None if include_special else counted_pairs(trace, False))
 
 
 def repeat_rates_from_ids(topk_ids: np.ndarray, counted: np.ndarray | None = None) -> RepeatRates:
@@ -220,6 +276,25 @@ def layer_transitions(trace: RoutingTrace, from_index: int, to_index: int) -> np
     _check_layer_index(trace, to_index, "to_index")
     first = trace.first_choice.astype(np.int64)
     return _pair_counts(first[from_index] * trace.num_experts + first[to_index], trace.num_experts)
+
+
+def transition_concentration(transitions: ArrayLike) -> tuple[float, float]:
+    """How much a token's first choice at one layer tells about its first choice at another,
+    from a `layer_transitions` matrix M int[experts, experts] (rows: the earlier layer).
+
+    Returns (concentration, floor):
+      concentration = sum_a max_b M[a, b] / sum M: the share of tokens that go where most
+                      tokens of their earlier expert go; 1 when each earlier expert sends all
+                      its tokens to one later expert;
+      floor         = max_b sum_a M[a, b] / sum M: the later layer's largest first-choice
+                      share, which concentration reaches when the earlier choice tells nothing.
+    Expert ids of two layers name unrelated networks, so neither number compares them.
+    """
+    matrix = np.asarray(transitions, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.sum() <= 0:
+        raise ValueError(f"transitions must be a non-empty [experts, experts] count matrix, got shape {matrix.shape}")
+    total = matrix.sum()
+    return float(matrix.max(axis=1).sum() / total), float(matrix.sum(axis=0).max() / total)
 
 
 # -- comparing loads ---------------------------------------------------------------------

@@ -386,6 +386,7 @@ def build_trace(model, tokenized: Tokenized, text: str, collector: dict, *, mode
         quantization=quantization_of(model),
         shared_experts=facts.shared_experts,
         encoder_layers=facts.encoder_layers,
+        special_ids=tokenized.special_ids,
     )
 
 

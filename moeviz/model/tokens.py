@@ -8,7 +8,7 @@ show the raw bytes instead, e.g. `\\xf0\\x9f`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -22,6 +22,7 @@ class Tokenized:
     tokens: list[str]
     offsets: list[tuple[int, int]]
     input_token_count: int  # before the cut at max_tokens
+    special_ids: list[int] = field(default_factory=list)  # `special_token_ids` of the tokenizer
 
 
 def tokenize(tokenizer, text: str, max_tokens: int) -> Tokenized:
@@ -49,7 +50,21 @@ def tokenize(tokenizer, text: str, max_tokens: int) -> Tokenized:
         tokens=token_strings(tokenizer, kept),
         offsets=offsets[:max_tokens],
         input_token_count=len(ids),
+        special_ids=special_token_ids(tokenizer),
     )
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """The ids of the tokenizer's special tokens (BOS, EOS, PAD, chat markers...), which
+    statistics leave out by default. UNK is not among them: it stands for real text."""
+    return sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id})
+
+
+def context_length(config) -> int | None:
+    """The positions the model was trained on (`max_position_embeddings`), or None when its
+    config does not say (relative positions, as in T5 and Switch Transformers)."""
+    length = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:
