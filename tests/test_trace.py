@@ -12,8 +12,8 @@ import pytest
 import safetensors.numpy
 from factories import make_trace
 
-from moeviz.model.capture import trace_text
 from moeviz.analysis import metrics
+from moeviz.model.capture import trace_text
 from moeviz.trace import TRACE_VERSION, RoutingTrace, TraceFileError
 
 

@@ -29,7 +29,13 @@ import safetensors.numpy
 from factories import make_trace
 
 from moeviz.analysis import metrics
-from moeviz.trace import MAX_EXPERTS, MAX_LAYERS, MAX_TOP_K, RoutingTrace, TraceFileError
+from moeviz.trace import (
+    MAX_EXPERTS,
+    MAX_LAYERS,
+    MAX_TOP_K,
+    RoutingTrace,
+    TraceFileError,
+)
 from moeviz.views import charts
 
 SEED = 13
