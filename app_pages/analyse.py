@@ -41,7 +41,10 @@ if trace is not None:
 
         st.subheader("Balance")
         cols = st.columns(3)
-        cols[2].metric("Tokens dropped at capacity factor 1.25", f"{metrics.dropped_token_share(stats, 1.25)[index]:.1%}")
+        cols[2].metric(f"Tokens dropped at capacity factor 1.25 (C = {metrics.trace_capacity(stats, 1.25)} per expert)",
+                       f"{metrics.dropped_token_share(stats, 1.25)[index]:.1%}",
+                       help=f"Each expert takes at most C = max(⌈α·k·T/E⌉, {metrics.MIN_CAPACITY}) assignments, as DeepSpeed "
+                       "sizes it; first choices queue before second choices.")
         if router_scores_shown(trace, "The balance loss and router entropy"):
             cols[0].metric("Balance loss E·Σ f·P (balanced = k)", f"{metrics.balance_loss(stats)[index]:.3f}")
             cols[1].metric("Mean router entropy (bits)", f"{metrics.router_entropy(stats)[index].mean():.3f}")

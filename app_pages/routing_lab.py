@@ -5,7 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz.analysis import policies
-from moeviz.analysis.metrics import expert_capacity
+from moeviz.analysis.metrics import MIN_CAPACITY, expert_capacity
 from moeviz.ui import counted, enough_tokens, layer_picker, router_scores_shown, show_figure, trace_from_source
 from moeviz.views import policy_charts
 
@@ -16,6 +16,7 @@ UPDATE_SPEEDS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # DeepSeek-V3 u
 CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_FACTORS = np.round(np.arange(0.5, 3.0 + 1e-9, 0.05), 2)
 REFERENCE_FACTORS = (1.25, 2.0)  # capacity factors Switch Transformers compares (Table 1)
+CAPACITY_RULE = f"C = max(⌈α·k·T/E⌉, {MIN_CAPACITY})"  # as DeepSpeed sizes it (metrics.expert_capacity)
 
 
 def chosen_policy(trace, scores) -> policies.Assignment:
@@ -27,13 +28,13 @@ def chosen_policy(trace, scores) -> policies.Assignment:
     if name == "Top-k":
         return policies.top_k(scores, k)
     if name == "Top-k with capacity":
-        alpha = st.slider("Capacity factor α (C = ⌊α·k·T/E⌋)", 0.5, 3.0, 1.25, 0.05, key="lab_alpha")
+        alpha = st.slider(f"Capacity factor α ({CAPACITY_RULE})", 0.5, 3.0, 1.25, 0.05, key="lab_alpha")
         order = st.radio("Drop order", list(DROP_ORDERS), horizontal=True, key="lab_order")
         return policies.top_k_capacity(scores, k, alpha, DROP_ORDERS[order])
     if name == "Expert choice":
-        balanced = min(max(expert_capacity(tokens, experts, trace.top_k, 1.0), 1), tokens)
+        balanced = min(expert_capacity(tokens, experts, trace.top_k, 1.0, min_capacity=1), tokens)
         capacity = st.slider("C: tokens per expert", 1, tokens, balanced, key=f"lab_capacity-{tokens}",
-                             help=f"{balanced} = k·T/E gives as many assignments as the model's top-{trace.top_k}.")
+                             help=f"{balanced} = ⌈k·T/E⌉ gives about as many assignments as the model's top-{trace.top_k}.")
         return policies.expert_choice(scores, capacity)
     if name == "Hash":
         method = st.radio("Hash", list(HASHES), horizontal=True, key="lab_hash")
@@ -110,7 +111,8 @@ if (trace is not None and enough_tokens(trace)
         "score order (batch prioritized)": policies.capacity_sweep(model, SWEEP_FACTORS, policies.batch_priority(scores)),
     }
     show_figure(policy_charts.capacity_sweep_chart(SWEEP_FACTORS, shares, REFERENCE_FACTORS), "lab_sweep")
-    st.caption(f"The model's top-{trace.top_k} picks, each expert keeping C = ⌊α·k·T/E⌋; first choices "
-               "queue before second choices. " + " · ".join(
-                   f"α = {alpha:g}: {shares['token order'][np.isclose(SWEEP_FACTORS, alpha)][0]:.1%} dropped"
+    st.caption(f"The model's top-{trace.top_k} picks, each expert keeping {CAPACITY_RULE} (DeepSpeed's sizing); "
+               "first choices queue before second choices. " + " · ".join(
+                   f"α = {alpha:g} (C = {policies.sweep_capacity(model, alpha)}): "
+                   f"{shares['token order'][np.isclose(SWEEP_FACTORS, alpha)][0]:.1%} dropped"
                    for alpha in REFERENCE_FACTORS))

@@ -8,8 +8,9 @@ header): no pickle, so a trace made on a GPU box opens safely on a laptop.
 from __future__ import annotations
 
 import json
+import re
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,26 @@ import safetensors
 import safetensors.numpy
 
 TRACE_FORMAT = "moeviz-trace"
-TRACE_VERSION = 1
+# Format versions. 1: every file written before issue 13. Its fields grew under that number
+# (generated_from, quantization, shared_experts, encoder_layers, engine; ids-only files without
+# topk_weights and router_logits), each with a default, so every v1 file reads as v2.
+# 2: the same fields, numbered so that an older moeviz says the file is newer than it.
+TRACE_VERSION = 2
 SCORING_FUNCTIONS = ("softmax", "sigmoid")
 _ARRAY_FIELDS = ("topk_ids", "topk_weights", "router_logits")
+
+# What a trace file may claim. Each array the pages allocate is a file's own array (safetensors
+# checks its bytes against the file's length), one computed from it, or sized by these caps:
+# the largest fixed-size ones (experts x experts co-activation, layers x experts in Compare
+# layers) stay at 8 MB however small the file.
+MAX_EXPERTS = 1024  # routed experts per layer; transformers 5.24 configs go to 512 (Doge's 16,384 product keys aside)
+MAX_TOP_K = 32  # experts per token; transformers 5.24 configs go to 12 below that expert count
+MAX_LAYERS = 1024  # layers of the model, dense ones included
+MAX_NAME_CHARS = 4096  # model id (it may be a local path), model type, router class, ...
+MAX_TOKEN_CHARS = 1024  # one token's text: a vocabulary piece, or \xNN escapes of its bytes
+MAX_TOKEN_ID = 2**31 - 1  # vocabularies index tokens with int32
+MAX_SPECIAL_IDS = 4096  # special tokens a tokenizer declares (BOS, EOS, PAD, chat markers, ...)
+MAX_COUNT = 2**53 - 1  # counts kept as JSON numbers stay exact up to here
 
 
 class TraceFileError(ValueError):
@@ -104,6 +122,10 @@ class RoutingTrace:
 
     def _validate(self) -> None:
         layers, tokens, k = len(self.layer_ids), len(self.tokens), self.top_k
+        if not 1 <= k <= self.num_experts:
+            raise ValueError(f"a trace needs 1 <= top_k <= num_experts, got top_k {k} of {self.num_experts} experts")
+        if not layers:
+            raise ValueError("a trace needs at least one MoE layer, got no layer ids")
         if self.scoring not in SCORING_FUNCTIONS:
             raise ValueError(f"scoring must be one of {SCORING_FUNCTIONS}, got {self.scoring!r}")
         if len(self.token_ids) != tokens or len(self.offsets) != tokens:
@@ -204,24 +226,19 @@ class RoutingTrace:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RoutingTrace:
-        header = _read_safetensors_metadata(data)
-        if header.get("format") != TRACE_FORMAT:
-            raise TraceFileError(
-                "This safetensors file is not a moeviz trace (it may be model weights): "
-                "its header has no 'format: moeviz-trace'. Open a file saved by moeviz."
-            )
-        if header.get("version") != str(TRACE_VERSION):
-            raise TraceFileError(
-                f"This trace was written in format version {header.get('version')}; "
-                f"this moeviz reads version {TRACE_VERSION}."
-            )
+        """The trace in a trace file's bytes. Every field is checked against its bounds, the
+        others and the arrays' shapes before an array is loaded; anything this moeviz cannot
+        read or show raises TraceFileError saying what is wrong."""
+        header = _read_safetensors_header(data)
+        metadata = _trace_metadata(header)
         try:
-            tensors = safetensors.numpy.load(data)
-            meta = json.loads(header["fields"])
-            _check_file_fields(meta, tensors)
-            return cls(**meta, topk_ids=tensors["topk_ids"],
-                       **{name: tensors.get(name) for name in _ARRAY_FIELDS if name != "topk_ids"})
-        except (KeyError, TypeError, ValueError, safetensors.SafetensorError) as error:
+            shapes = _declared_shapes(header)
+            meta = json.loads(metadata["fields"])
+            _check_fields(meta, shapes)
+            tensors = safetensors.numpy.load(data)  # checks the arrays' bytes against the file's length
+            _check_dtypes(tensors)
+            return cls(**meta, **{name: tensors.get(name) for name in _ARRAY_FIELDS})
+        except (KeyError, TypeError, ValueError, RecursionError, safetensors.SafetensorError) as error:
             raise TraceFileError(f"This moeviz trace file is damaged: {error}") from error
 
     def save(self, path: str | Path) -> Path:
@@ -237,9 +254,9 @@ class RoutingTrace:
         return cls.from_bytes(path.read_bytes())
 
 
-def _read_safetensors_metadata(data: bytes) -> dict:
-    """The `__metadata__` of a safetensors file: an 8-byte little-endian header length, then
-    that many bytes of JSON. Checked by hand so that a damaged file gets a clear message."""
+def _read_safetensors_header(data: bytes) -> dict:
+    """The JSON header of a safetensors file: an 8-byte little-endian length, then that many
+    bytes of JSON. Read by hand so that a damaged file gets a clear message."""
     if len(data) < 8:
         raise TraceFileError(f"This file is too short to be a moeviz trace ({len(data)} bytes).")
     (header_len,) = struct.unpack("<Q", data[:8])
@@ -250,14 +267,43 @@ def _read_safetensors_metadata(data: bytes) -> dict:
         )
     try:
         header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deep, a 5,000-digit number
         raise TraceFileError("This is not a moeviz trace: its header is not JSON.") from None
     if not isinstance(header, dict):
         raise TraceFileError("This is not a moeviz trace: its header is not a JSON object.")
+    return header
+
+
+def _trace_metadata(header: dict) -> dict:
+    """The `__metadata__` of a trace file's header, once its format and version are ones this
+    moeviz reads."""
     metadata = header.get("__metadata__") or {}
     if not isinstance(metadata, dict):
         raise TraceFileError("This is not a moeviz trace: its header's __metadata__ is not a JSON object.")
+    if metadata.get("format") != TRACE_FORMAT:
+        raise TraceFileError(
+            "This safetensors file is not a moeviz trace (it may be model weights): "
+            "its header has no 'format: moeviz-trace'. Open a file saved by moeviz."
+        )
+    version = metadata.get("version")
+    if not (isinstance(version, str) and re.fullmatch(r"[1-9][0-9]{0,8}", version)):
+        raise TraceFileError(
+            f"This moeviz trace file is damaged: its format version {_shown(version)} is not a version number."
+        )
+    if int(version) > TRACE_VERSION:
+        raise TraceFileError(
+            f"This trace was made by a newer moeviz (format v{version}); this moeviz reads up to "
+            f"v{TRACE_VERSION}. Update moeviz to open it."
+        )
+    if not isinstance(metadata.get("fields"), str):
+        raise TraceFileError("This moeviz trace file is damaged: its header has no fields.")
     return metadata
+
+
+def _shown(value) -> str:
+    """A value as JSON, cut short enough for an error message."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_int(value) -> bool:
@@ -274,31 +320,115 @@ _JSON_CHECKS = {
     and all(isinstance(x, list) and len(x) == 2 and all(map(_is_int, x)) for x in v),
 }
 _ARRAY_KINDS = {"topk_ids": "iu", "topk_weights": "f", "router_logits": "f"}
+_NUMPY_DTYPES = {"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
+_NAME_FIELDS = ("model_id", "model_type", "scoring", "router_class", "quantization", "engine", "stop_reason")
 
 
-def _check_file_fields(meta, tensors: dict) -> None:
+def _declared_shapes(header: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each array a trace file's header declares: topk_ids, and topk_weights and
+    router_logits unless the trace has expert ids only; 3-D, in a dtype numpy reads."""
+    declared = {name: info for name, info in header.items() if name != "__metadata__"}
+    unknown = [name for name in declared if name not in _ARRAY_FIELDS]
+    if unknown:
+        raise ValueError(f"it holds arrays a moeviz trace does not have: {_shown(unknown)}")
+    if "topk_ids" not in declared:
+        raise ValueError("it has no topk_ids array")
+    shapes = {}
+    for name, info in declared.items():
+        dtype, shape = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else (None, None)
+        if dtype not in _NUMPY_DTYPES:
+            raise ValueError(f"{name} has dtype {_shown(dtype)}, which numpy cannot read")
+        if not (isinstance(shape, list) and len(shape) == 3 and all(map(_is_int, shape))):
+            raise ValueError(f"{name} has shape {_shown(shape)}; expected 3 dimensions [layers, tokens, ...]")
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def _check_fields(meta, shapes: dict[str, tuple[int, ...]]) -> None:
     """Refuse what the constructor would take but no chart can show. A file is untrusted
     input: a token that is a number, a float expert id, a repeated layer or a lone surrogate
-    (which Streamlit cannot send to the browser) would otherwise crash a page later."""
+    (which Streamlit cannot send to the browser) would otherwise crash a page later, and a
+    size the arrays do not bear out (10^5 experts) would make a page allocate far more than
+    the file holds."""
     if not isinstance(meta, dict):
         raise ValueError("its fields are not a JSON object")
     for field in fields(RoutingTrace):
         check = _JSON_CHECKS.get(field.type)
         if field.name in meta and check is not None and not check(meta[field.name]):
-            raise ValueError(f"{field.name} must be {field.type}, got {json.dumps(meta[field.name])[:60]}")
-    for name, kinds in _ARRAY_KINDS.items():
-        if name not in tensors and name != "topk_ids":
-            continue  # a trace of expert ids only
-        dtype = tensors[name].dtype
-        if dtype.kind not in kinds or (kinds == "iu" and not np.can_cast(dtype, np.int64)):
-            raise ValueError(f"{name} has dtype {dtype}; expected {'integers' if kinds == 'iu' else 'floats'}")
-    layers, count = meta.get("layer_ids", []), meta.get("num_layers", 0)
-    if len(set(layers)) != len(layers) or not all(0 <= n < count for n in layers):
-        raise ValueError(f"layer_ids {layers} must be distinct layers in [0, num_layers = {count})")
-    if not meta.get("tokens"):
+            raise ValueError(f"{field.name} must be {field.type}, got {_shown(meta[field.name])}")
+    missing = [f.name for f in fields(RoutingTrace)
+               if f.default is MISSING and f.default_factory is MISSING and f.name not in _ARRAY_FIELDS and f.name not in meta]
+    if missing:
+        raise ValueError(f"it has no {', '.join(missing)}")
+    _check_sizes(meta, shapes)
+    _check_text(meta)
+
+
+def _check_sizes(meta: dict, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every count in bounds and consistent with the others and with the arrays' shapes."""
+    experts, k, layers = meta["num_experts"], meta["top_k"], meta["num_layers"]
+    _check_range("num_experts", experts, 1, MAX_EXPERTS)
+    _check_range("top_k", k, 1, min(experts, MAX_TOP_K))
+    _check_range("num_layers", layers, 1, MAX_LAYERS)
+    _check_range("encoder_layers", meta.get("encoder_layers", 0), 0, layers)
+    _check_range("shared_experts", meta.get("shared_experts", 0), 0, MAX_EXPERTS)
+    layer_ids = meta["layer_ids"]
+    if not layer_ids:
+        raise ValueError("it has no MoE layers: layer_ids is empty")
+    if len(set(layer_ids)) != len(layer_ids) or not all(0 <= n < layers for n in layer_ids):
+        raise ValueError(f"layer_ids {_shown(layer_ids)} must be distinct layers in [0, num_layers = {layers})")
+    tokens = len(meta["tokens"])
+    if not tokens:
         raise ValueError("it holds no tokens")
+    if meta.get("input_token_count", -1) != -1:
+        _check_range("input_token_count", meta["input_token_count"], tokens, MAX_COUNT)
+    _check_range("generated_from", meta.get("generated_from", -1), -1, tokens)
+    expected = {
+        "topk_ids": (len(layer_ids), tokens, k),
+        "topk_weights": (len(layer_ids), tokens, k),
+        "router_logits": (len(layer_ids), tokens, experts),
+    }
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise ValueError(
+                f"{name} has shape {shape}, expected [layers, tokens, ...] = {expected[name]} from its "
+                f"{len(layer_ids)} layer ids, {tokens} tokens, top_k {k} and {experts} experts"
+            )
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name} must lie in [{low:,}, {high:,}], got {_shown(value)}")
+
+
+def _check_text(meta: dict) -> None:
+    """Names, tokens, token ids and character spans within bounds; no lone surrogate."""
+    for name in _NAME_FIELDS:
+        if len(meta.get(name, "")) > MAX_NAME_CHARS:
+            raise ValueError(f"{name} has {len(meta[name]):,} characters; at most {MAX_NAME_CHARS:,}")
+    long = next((i for i, token in enumerate(meta["tokens"]) if len(token) > MAX_TOKEN_CHARS), None)
+    if long is not None:
+        raise ValueError(f"token {long} has {len(meta['tokens'][long]):,} characters; a token has at most {MAX_TOKEN_CHARS:,}")
+    if len(meta.get("special_ids", [])) > MAX_SPECIAL_IDS:
+        raise ValueError(f"special_ids lists {len(meta['special_ids']):,} ids; at most {MAX_SPECIAL_IDS:,}")
+    if not all(0 <= n <= MAX_TOKEN_ID for n in [*meta["token_ids"], *meta.get("special_ids", [])]):
+        raise ValueError(f"token_ids and special_ids must lie in [0, {MAX_TOKEN_ID:,}], got "
+                         f"{_shown(meta['token_ids'])} and {_shown(meta.get('special_ids', []))}")
+    length = len(meta["text"])
+    outside = next((i for i, (a, b) in enumerate(meta["offsets"]) if not 0 <= a <= b <= length), None)
+    if outside is not None:
+        raise ValueError(
+            f"offset {outside} {_shown(meta['offsets'][outside])} is not a span of the {length:,}-character text"
+        )
     try:
         json.dumps(meta, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as error:
         code = ord(error.object[error.start])
         raise ValueError(f"its text holds U+{code:04X}, half of a UTF-16 surrogate pair, not a character") from None
+
+
+def _check_dtypes(tensors: dict[str, np.ndarray]) -> None:
+    for name, array in tensors.items():
+        kinds = _ARRAY_KINDS[name]
+        if array.dtype.kind not in kinds or (kinds == "iu" and not np.can_cast(array.dtype, np.int64)):
+            raise ValueError(f"{name} has dtype {array.dtype}; expected {'integers' if kinds == 'iu' else 'floats'}")

@@ -123,7 +123,9 @@ def test_analyse_page_shows_id_charts_and_a_notice_for_an_ids_only_trace(engine_
     np.testing.assert_array_equal(decode(coactivation["z"]), metrics.coactivation(engine_trace, 0))
     repeats = shown["Same expert for adjacent tokens"]["data"][0]
     np.testing.assert_allclose(decode(repeats["y"]), metrics.repeat_rates(engine_trace).same_first)
-    assert "Tokens dropped at capacity factor 1.25" in [m.label for m in app.metric]
+    capacity = metrics.trace_capacity(engine_trace, 1.25)  # the C beside the drop figure
+    drops = {m.label: m.value for m in app.metric}[f"Tokens dropped at capacity factor 1.25 (C = {capacity} per expert)"]
+    assert drops == f"{metrics.dropped_token_share(engine_trace, 1.25)[0]:.1%}"
 
 
 def test_compare_layers_page_shows_transitions_from_an_ids_only_trace(engine_trace):

@@ -132,24 +132,52 @@ def test_balance_loss_of_a_skewed_trace(logits, scoring, expected):
 
 
 @pytest.mark.parametrize(
-    "tokens, experts, k, capacity_factor, expected",
+    "tokens, experts, k, capacity_factor, min_capacity, expected",
     [
-        (6, 4, 2, 1.0, 3),  # 1 · 2 · 6 / 4 = 3
-        (6, 4, 2, 0.5, 1),  # 0.5 · 12 / 4 = 1.5 -> 1
-        (6, 4, 2, 1.25, 3),  # 1.25 · 12 / 4 = 3.75 -> 3
-        (10, 8, 1, 1.0, 1),  # 10 / 8 = 1.25 -> 1
-        (2048, 8, 2, 1.0, 512),  # 4096 / 8
-        (3, 8, 1, 1.0, 0),  # 3 / 8 -> 0: every assignment overflows
+        (6, 4, 2, 1.0, 1, 3),  # 1 · 2 · 6 / 4 = 3
+        (6, 4, 2, 0.5, 1, 2),  # 0.5 · 12 / 4 = 1.5 -> 2
+        (6, 4, 2, 1.25, 1, 4),  # 1.25 · 12 / 4 = 3.75 -> 4
+        (10, 8, 1, 1.0, 1, 2),  # 10 / 8 = 1.25 -> 2
+        (2048, 8, 2, 1.0, 4, 512),  # 4096 / 8
+        (3, 8, 1, 1.0, 1, 1),  # 3 / 8 -> 1: rounding down gave 0, every assignment overflowed
+        (6, 4, 2, 1.0, 4, 4),  # 3 is below DeepSpeed's minimum of 4
+        (20, 256, 8, 1.25, 4, 4),  # issue 13: 1.25 · 8 · 20 / 256 = 0.78 -> 1 -> the minimum, 4
+        (90, 3, 1, 1.1, 1, 33),  # 1.1 · 90 / 3 is 33.00000000000001 in floats: exactly 33
+        (100, 4, 2, 1.15, 1, 58),  # 1.15 · 200 / 4 = 57.5 -> 58
     ],
 )
-def test_expert_capacity(tokens, experts, k, capacity_factor, expected):
-    assert metrics.expert_capacity(tokens, experts, k, capacity_factor) == expected
+def test_expert_capacity(tokens, experts, k, capacity_factor, min_capacity, expected):
+    """DeepSpeed's `_capacity` (deepspeed/moe/sharded_moe.py): ceil(T / E · α · k), at least
+    min_capacity (4 by default in deepspeed.moe.layer.MoE)."""
+    assert metrics.expert_capacity(tokens, experts, k, capacity_factor, min_capacity) == expected
+
+
+def test_expert_capacity_defaults_to_deepspeed_minimum_of_4():
+    assert metrics.MIN_CAPACITY == 4
+    assert metrics.expert_capacity(6, 4, 2, 1.0) == 4
+    assert metrics.expert_capacity(2048, 8, 2, 1.25) == 640
+
+
+def test_a_short_text_on_a_many_expert_model_drops_nothing_it_need_not():
+    """Issue 13: 20 tokens on a 256-expert top-8 model. floor(1.25 · 8 · 20 / 256) = 0 showed
+    every token dropped. With C = 4: when token t picks experts 8t .. 8t+7 (160 distinct
+    experts, one assignment each) nothing is dropped; when every token picks experts 0..7, each
+    of those experts receives 20 assignments, keeps t0..t3 and drops the other 16 tokens."""
+    spread = make_trace([[list(range(8 * t, 8 * t + 8)) for t in range(20)]], num_experts=256)
+    assert metrics.trace_capacity(spread, 1.25) == 4
+    assert metrics.dropped_token_share(spread, 1.25).tolist() == [0.0]
+    assert metrics.capacity_drops(spread, 1.25).sum() == 0
+    crowded = make_trace([[list(range(8))] * 20], num_experts=256)
+    np.testing.assert_allclose(metrics.dropped_token_share(crowded, 1.25), [16 / 20])
+    np.testing.assert_array_equal(metrics.capacity_drops(crowded, 1.25)[0], [16] * 8 + [0] * 248)
 
 
 @pytest.mark.parametrize("capacity_factor", [0, -1.0])
 def test_expert_capacity_rejects_non_positive_factor(capacity_factor):
     with pytest.raises(ValueError, match="capacity_factor must be > 0"):
         metrics.expert_capacity(6, 4, 2, capacity_factor)
+    with pytest.raises(ValueError, match="min_capacity must be >= 0"):
+        metrics.expert_capacity(6, 4, 2, 1.0, min_capacity=-1)
 
 
 @pytest.mark.parametrize(
@@ -159,18 +187,19 @@ def test_expert_capacity_rejects_non_positive_factor(capacity_factor):
         # so tokens t3, t4 lose one expert: 2/6. Layer 1: expert 2 gets 4 -> 1 dropped
         # (queue t0 t1 t4 | t5): 1/6.
         (1.0, [[2, 0, 0, 0], [0, 0, 1, 0]], [2 / 6, 1 / 6]),
-        # C = 1: every expert keeps its first assignment. Drops = counts - 1.
+        # C = ⌈0.25 · 12 / 4⌉ = 1: every expert keeps its first assignment. Drops = counts - 1.
         # First choices queue first. Layer 0 keeps e0 t0, e3 t3, e2 t5 (first choices), then
         # e1 t0 (second) -> only t0 keeps both: 5/6. Layer 1 keeps e1 t0, e2 t1, e3 t2, e0 t3,
         # all first choices, so every second choice is dropped: 6/6.
-        (0.5, [[4, 2, 1, 1], [1, 2, 3, 2]], [5 / 6, 6 / 6]),
+        (0.25, [[4, 2, 1, 1], [1, 2, 3, 2]], [5 / 6, 6 / 6]),
         # C = 6 >= every count: nothing dropped
         (2.0, [[0, 0, 0, 0], [0, 0, 0, 0]], [0, 0]),
     ],
 )
 def test_capacity_drops(skewed, capacity_factor, drops, token_share):
-    np.testing.assert_array_equal(metrics.capacity_drops(skewed, capacity_factor), drops)
-    np.testing.assert_allclose(metrics.dropped_token_share(skewed, capacity_factor), token_share)
+    # min_capacity 1: these small cases check the queue at C = 1 and 3, under DeepSpeed's minimum of 4.
+    np.testing.assert_array_equal(metrics.capacity_drops(skewed, capacity_factor, min_capacity=1), drops)
+    np.testing.assert_allclose(metrics.dropped_token_share(skewed, capacity_factor, min_capacity=1), token_share)
 
 
 @pytest.mark.parametrize("function", [metrics.capacity_drops, metrics.dropped_token_share])

@@ -51,9 +51,9 @@ def test_top_k_breaks_ties_towards_the_lower_expert():
 # -- capacity ----------------------------------------------------------------------------
 
 
-def test_capacity_at_alpha_1_drops_the_overflow_in_token_order():
-    # C = floor(1 · 1 · 6 / 4) = 1. e0 queue t0 t1 t2 t5: keeps t0. e3 queue t3 t4: keeps t3.
-    assignment = policies.top_k_capacity(SKEWED, 1, 1.0)
+def test_capacity_of_1_drops_the_overflow_in_token_order():
+    # C = ⌈0.5 · 1 · 6 / 4⌉ = 1 (no minimum). e0 queue t0 t1 t2 t5: keeps t0. e3 queue t3 t4: keeps t3.
+    assignment = policies.top_k_capacity(SKEWED, 1, 0.5, min_capacity=1)
     assert assignment.capacity == 1
     assert assignment.dropped[:, 0].tolist() == [False, True, True, False, True, True]
     np.testing.assert_allclose(assignment.weights[:, 0], [0.5, 0, 0, 0.4, 0, 0], rtol=1e-6)
@@ -67,15 +67,15 @@ def test_capacity_at_alpha_1_drops_the_overflow_in_token_order():
 def test_capacity_in_score_order_keeps_the_most_confident_tokens():
     # Batch priority = highest probability: t5 .7, t2 .6, t0 .5, t4 .45, t1 .4, t3 .4 (ties
     # in token order). e0 queue t5 t2 t0 t1: keeps t5. e3 queue t4 t3: keeps t4.
-    assignment = policies.top_k_capacity(SKEWED, 1, 1.0, order="score")
+    assignment = policies.top_k_capacity(SKEWED, 1, 0.5, order="score", min_capacity=1)
     assert assignment.dropped[:, 0].tolist() == [True, True, True, True, False, False]
-    assert assignment.params == {"α": 1.0, "order": "score"}
+    assert assignment.params == {"α": 0.5, "order": "score"}
 
 
 @pytest.mark.parametrize(
     "order, dropped, load",
     [
-        # C = floor(1 · 2 · 6 / 4) = 3; all first choices queue before any second choice.
+        # C = ⌈1 · 2 · 6 / 4⌉ = 3 (no minimum); all first choices queue before any second choice.
         # slot 0 in token order: e0 gets t0 t1 t2 (full), t5 dropped; e3 gets t3 t4.
         # slot 1: e1 t0 t2, e2 t1 t3, e0 t4 dropped (full), e3 t5 (third place, kept).
         ("token", [[False, False], [False, False], [False, False], [False, False], [False, True], [True, False]],
@@ -87,7 +87,7 @@ def test_capacity_in_score_order_keeps_the_most_confident_tokens():
     ],
 )
 def test_top_2_capacity_queues_first_choices_first(order, dropped, load):
-    assignment = policies.top_k_capacity(SKEWED, 2, 1.0, order=order)
+    assignment = policies.top_k_capacity(SKEWED, 2, 1.0, order=order, min_capacity=1)
     assert assignment.capacity == 3
     assert assignment.dropped.tolist() == dropped
     np.testing.assert_allclose(policies.expert_load(assignment), load)
@@ -97,8 +97,17 @@ def test_top_2_capacity_queues_first_choices_first(order, dropped, load):
 
 def test_a_dropped_assignment_leaves_the_other_weight_unchanged():
     # t1 in score order loses e0; its e2 weight stays 3/7 (GShard does not renormalise).
-    weights = policies.top_k_capacity(SKEWED, 2, 1.0, order="score").weights
+    weights = policies.top_k_capacity(SKEWED, 2, 1.0, order="score", min_capacity=1).weights
     np.testing.assert_allclose(weights[1], [0, 3 / 7], rtol=1e-6)
+
+
+def test_capacity_defaults_to_deepspeed_sizing():
+    # C = max(⌈1 · 1 · 6 / 4⌉, 4) = 4: e0's queue t0 t1 t2 t5 fits, nothing is dropped; the
+    # papers' floor gave C = 1 and dropped 4 of 6 tokens.
+    assignment = policies.top_k_capacity(SKEWED, 1, 1.0)
+    assert assignment.capacity == 4 and not assignment.dropped.any()
+    assert policies.sweep_capacity(policies.top_k(SKEWED, 2), 1.25) == 4  # ⌈3.75⌉ = 4
+    assert policies.sweep_capacity(policies.top_k(SKEWED, 2), 2.0) == 6
 
 
 def test_a_large_capacity_drops_nothing():
@@ -111,10 +120,10 @@ def test_capacity_sweep_for_top_1_equals_metrics_dropped_token_share():
     # With one pick per token every queue order that keeps token order agrees with metrics.
     trace = make_trace([[[0], [0], [1], [0], [2], [0], [0], [3]]], num_experts=4)
     factors = [0.5, 1.0, 1.5, 2.0, 4.0]
-    expected = [metrics.dropped_token_share(trace, alpha)[0] for alpha in factors]
-    # C = floor(α · 8 / 4) = 1, 2, 3, 4, 8: e0 holds 5 tokens -> 4, 3, 2, 1, 0 dropped, e1-e3 hold 1
+    expected = [metrics.dropped_token_share(trace, alpha, min_capacity=1)[0] for alpha in factors]
+    # C = ⌈α · 8 / 4⌉ = 1, 2, 3, 4, 8 (no minimum): e0 holds 5 tokens -> 4, 3, 2, 1, 0 dropped, e1-e3 hold 1
     np.testing.assert_allclose(expected, [4 / 8, 3 / 8, 2 / 8, 1 / 8, 0])
-    sweep = policies.capacity_sweep(policies.model_routing(trace, 0), factors)
+    sweep = policies.capacity_sweep(policies.model_routing(trace, 0), factors, min_capacity=1)
     np.testing.assert_allclose(sweep, expected)
 
 
@@ -200,9 +209,9 @@ def test_bias_selects_but_does_not_weigh():
 
 
 def test_balance_loss_counts_dropped_decisions():
-    # Top-1 at α = 1 drops 4 tokens, but f counts decisions: f = [4/6, 0, 0, 2/6].
+    # Top-1 at C = 1 drops 4 tokens, but f counts decisions: f = [4/6, 0, 0, 2/6].
     # P = column means = [2.65, .85, 1.025, 1.475] / 6; E · Σ f·P = 4 · (10.6 + 2.95) / 36
-    assignment = policies.top_k_capacity(SKEWED, 1, 1.0)
+    assignment = policies.top_k_capacity(SKEWED, 1, 0.5, min_capacity=1)
     assert policies.balance_loss(assignment, SKEWED) == pytest.approx(4 * (4 * 2.65 + 2 * 1.475) / 36)
 
 

@@ -15,8 +15,8 @@ from moeviz.views.policy_charts import (
     policy_load_chart,
 )
 
-# Four tokens, three experts. Top-1 picks e0 e0 e0 e2; at α = 1, C = floor(4 / 3) = 1, so e0
-# keeps t0 and drops t1 and t2.
+# Four tokens, three experts. Top-1 picks e0 e0 e0 e2; at α = 0.5 without a minimum,
+# C = ⌈0.5 · 4 / 3⌉ = 1, so e0 keeps t0 and drops t1 and t2.
 SCORES = [
     [0.6, 0.3, 0.1],
     [0.5, 0.4, 0.1],
@@ -33,7 +33,7 @@ def model():
 
 @pytest.fixture
 def capped():
-    return policies.top_k_capacity(SCORES, 1, 1.0)
+    return policies.top_k_capacity(SCORES, 1, 0.5, min_capacity=1)
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ def capped():
 def test_policy_load_chart_stacks_dropped_share_on_the_policy_bars(model, capped):
     fig = policy_load_chart(model, capped)
     names = [t.name for t in fig.data]
-    assert names == ["top-2", "top-1 with capacity (α = 1.0, order = token)", "dropped (over capacity)",
+    assert names == ["top-2", "top-1 with capacity (α = 0.5, order = token)", "dropped (over capacity)",
                      "uniform, model (0.667)", "capacity C = 1 tokens"]
     # model: e0 3 of 4 tokens, e1 3, e2 2; policy keeps e0 t0 and e2 t3, drops e0 t1 t2
     np.testing.assert_allclose(fig.data[0].y, [3 / 4, 3 / 4, 2 / 4])
@@ -177,9 +177,9 @@ def test_token_view_marks_dropped_tokens(capped):
 
 
 def test_token_view_partly_dropped_token_keeps_its_other_expert():
-    # Top-2 at α = 0.5: C = floor(0.5 · 2 · 4 / 3) = 1. First choices e0 t0 (kept), t1 t2 (dropped),
-    # e2 t3; then second choices e1 t0 (kept), e1 t1, e2 t2 (dropped), e1 t3 (dropped).
-    capped = policies.top_k_capacity(SCORES, 2, 0.5)
+    # Top-2 at α = 0.25 without a minimum: C = ⌈0.25 · 2 · 4 / 3⌉ = 1. First choices e0 t0 (kept),
+    # t1 t2 (dropped), e2 t3; then second choices e1 t0 (kept), e1 t1, e2 t2 (dropped), e1 t3 (dropped).
+    capped = policies.top_k_capacity(SCORES, 2, 0.25, min_capacity=1)
     parsed = _parse(assignment_view_html(TOKENS, capped))
     assert [t["classes"][1:] for t in parsed.tokens] == [[], ["moeviz-unrouted"], ["moeviz-unrouted"], ["moeviz-dropped"]]
     assert parsed.tokens[3]["title"] == "expert 2: 0.62 · expert 1: dropped"

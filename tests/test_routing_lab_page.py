@@ -114,7 +114,8 @@ def test_default_policy_is_switch_capacity_with_its_sweep(trace):
     )
     np.testing.assert_allclose(values(sweep.data[2].x), [1.25, 2.0, 1.25, 2.0])
     at_125 = policies.capacity_sweep(model, [1.25])[0]
-    assert any(f"α = 1.25: {at_125:.1%} dropped" in c.value for c in app.caption)
+    capacity = policies.sweep_capacity(model, 1.25)  # the C beside the drop figure
+    assert any(f"α = 1.25 (C = {capacity}): {at_125:.1%} dropped" in c.value for c in app.caption)
 
     model_view, policy_view = token_views(app)
     assert "moeviz-dropped" not in model_view and "moeviz-unrouted" not in model_view

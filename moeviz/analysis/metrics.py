@@ -138,20 +138,37 @@ def balance_loss(trace: RoutingTrace) -> np.ndarray:
 # -- capacity ----------------------------------------------------------------------------
 
 
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """Assignments one expert may take: C = floor(α · k · T / E).
+MIN_CAPACITY = 4  # DeepSpeed's default min_capacity (deepspeed.moe.layer.MoE)
 
-    GShard (Sec. 2.2) and Switch Transformers (eq. 3, with k = 1) size every expert's buffer
-    as the capacity factor α times its share of the k·T assignments under perfect balance.
+
+def expert_capacity(
+    num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int = MIN_CAPACITY
+) -> int:
+    """Assignments one expert may take: C = max(⌈α · k · T / E⌉, min_capacity).
+
+    Sized as DeepSpeed sizes it (deepspeed/moe/sharded_moe.py, `_capacity`, which `top1gating`,
+    `top2gating` and `topkgating` call with α · k): the capacity factor α times an expert's
+    share of the k·T assignments under perfect balance (GShard Sec. 2.2; Switch Transformers
+    eq. 3, k = 1), rounded up, and never below `min_capacity` (4, DeepSpeed's default). The
+    papers' C = floor(α · k · T / E) is 0 whenever α·k·T < E: a 20-token text on a 256-expert
+    top-8 model would drop every assignment at α = 1.25, where DeepSpeed keeps 4 per expert.
     """
     if capacity_factor <= 0:
         raise ValueError(
             f"capacity_factor must be > 0 (1.0 = exactly the balanced share), got {capacity_factor}"
         )
-    return math.floor(capacity_factor * (top_k * num_tokens) / num_experts)
+    if min_capacity < 0:
+        raise ValueError(f"min_capacity must be >= 0 assignments per expert, got {min_capacity}")
+    balanced = round(capacity_factor * top_k * num_tokens / num_experts, 9)  # 1.1·1·90/3 is 33.00000000000001
+    return max(math.ceil(balanced), min_capacity)
 
 
-def capacity_drops(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
+def trace_capacity(trace: RoutingTrace, capacity_factor: float, min_capacity: int = MIN_CAPACITY) -> int:
+    """`expert_capacity` C of every layer of `trace`: its T tokens, E experts and top-k."""
+    return expert_capacity(trace.num_tokens, trace.num_experts, trace.top_k, capacity_factor, min_capacity)
+
+
+def capacity_drops(trace: RoutingTrace, capacity_factor: float, min_capacity: int = MIN_CAPACITY) -> np.ndarray:
     """int[layers, experts]: assignments each expert drops when it can take only C
     (`expert_capacity`).
 
@@ -159,11 +176,12 @@ def capacity_drops(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
     drops the rest, so whatever the order: dropped_e = max(count_e - C, 0).
     """
     counts = _expert_counts(trace.topk_ids, trace.num_experts)
-    return np.maximum(counts - _capacity(trace, capacity_factor), 0)
+    return np.maximum(counts - trace_capacity(trace, capacity_factor, min_capacity), 0)
 
 
-def dropped_token_share(trace: RoutingTrace, capacity_factor: float) -> np.ndarray:
-    """float[layers]: share of tokens with at least one assignment dropped at capacity C.
+def dropped_token_share(trace: RoutingTrace, capacity_factor: float, min_capacity: int = MIN_CAPACITY) -> np.ndarray:
+    """float[layers]: share of tokens with at least one assignment dropped at capacity C
+    (`expert_capacity`).
 
     Assignments are queued choice by choice, as GShard (Algorithm 1) and V-MoE dispatch them:
     every token's first choice in token order t = 0..T-1, then every second choice, and so on;
@@ -171,7 +189,8 @@ def dropped_token_share(trace: RoutingTrace, capacity_factor: float) -> np.ndarr
     Sec. 2.2: overflow tokens skip the expert). For k = 1 this is plain token order.
     """
     _require_tokens(trace, 1)
-    dropped = _queue_positions(trace.topk_ids, trace.num_experts) >= _capacity(trace, capacity_factor)
+    capacity = trace_capacity(trace, capacity_factor, min_capacity)
+    dropped = _queue_positions(trace.topk_ids, trace.num_experts) >= capacity
     return dropped.any(axis=-1).mean(axis=-1)
 
 
@@ -354,10 +373,6 @@ def places_in_queue(keys: np.ndarray, num_keys: int) -> np.ndarray:
     places = np.empty(keys.size, dtype=np.int64)
     places[order] = np.arange(keys.size) - group_start[keys[order]]
     return places
-
-
-def _capacity(trace: RoutingTrace, capacity_factor: float) -> int:
-    return expert_capacity(trace.num_tokens, trace.num_experts, trace.top_k, capacity_factor)
 
 
 def _pair_counts(keys: np.ndarray, num_experts: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from numpy.typing import ArrayLike
 
-from moeviz.analysis.metrics import expert_capacity, places_in_queue
+from moeviz.analysis.metrics import MIN_CAPACITY, expert_capacity, places_in_queue
 from moeviz.trace import RoutingTrace
 
 HASH_METHODS = ("modulo", "random")
@@ -133,9 +133,11 @@ def top_k(scores: ArrayLike, k: int) -> Assignment:
     )
 
 
-def top_k_capacity(scores: ArrayLike, k: int, capacity_factor: float, order: str = "token") -> Assignment:
-    """`top_k`, then every expert takes at most C = floor(α · k · T / E) tokens
-    (`metrics.expert_capacity`; Switch eq. 3, GShard Sec. 2.2) and drops the rest.
+def top_k_capacity(
+    scores: ArrayLike, k: int, capacity_factor: float, order: str = "token", min_capacity: int = MIN_CAPACITY
+) -> Assignment:
+    """`top_k`, then every expert takes at most C = max(⌈α · k · T / E⌉, min_capacity) tokens
+    (`metrics.expert_capacity`, as DeepSpeed sizes it) and drops the rest.
 
     Assignments queue all first choices before any second choice (GShard, Algorithm 1; V-MoE's
     dispatcher), and within a choice:
@@ -150,7 +152,7 @@ def top_k_capacity(scores: ArrayLike, k: int, capacity_factor: float, order: str
     scores = _checked_scores(scores)
     tokens, num_experts = scores.shape
     k = _checked_k(k, num_experts)
-    capacity = expert_capacity(tokens, num_experts, k, capacity_factor)
+    capacity = expert_capacity(tokens, num_experts, k, capacity_factor, min_capacity)
     priority = batch_priority(scores) if order == "score" else None
     return replace(
         limit_capacity(top_k(scores, k), capacity, priority),
@@ -193,17 +195,22 @@ def limit_capacity(assignment: Assignment, capacity: int, priority: ArrayLike | 
 
 
 def capacity_sweep(
-    assignment: Assignment, capacity_factors: ArrayLike, priority: ArrayLike | None = None
+    assignment: Assignment, capacity_factors: ArrayLike, priority: ArrayLike | None = None,
+    min_capacity: int = MIN_CAPACITY,
 ) -> np.ndarray:
     """float[factors]: `dropped_token_share` of `assignment` (e.g. the model's own routing)
-    limited to C = floor(α · k · T / E) at each capacity factor α, k = its slots per token."""
-    tokens, slots = assignment.expert_ids.shape
+    limited to C = max(⌈α · k · T / E⌉, min_capacity) (`metrics.expert_capacity`) at each
+    capacity factor α, k = its slots per token."""
     return np.array([
-        dropped_token_share(limit_capacity(
-            assignment, expert_capacity(tokens, assignment.num_experts, slots, float(alpha)), priority
-        ))
+        dropped_token_share(limit_capacity(assignment, sweep_capacity(assignment, alpha, min_capacity), priority))
         for alpha in np.asarray(capacity_factors, dtype=np.float64)
     ])
+
+
+def sweep_capacity(assignment: Assignment, capacity_factor: float, min_capacity: int = MIN_CAPACITY) -> int:
+    """The capacity C that `capacity_sweep` gives `assignment` at capacity factor α."""
+    tokens, slots = assignment.expert_ids.shape
+    return expert_capacity(tokens, assignment.num_experts, slots, float(capacity_factor), min_capacity)
 
 
 # -- expert choice -----------------------------------------------------------------------

@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 from numpy.typing import ArrayLike
 
 from moeviz.analysis import policies
+from moeviz.analysis.metrics import MIN_CAPACITY
 from moeviz.analysis.policies import Assignment
 from moeviz.views.charts import expert_axis, expert_colors, token_label
 
@@ -140,7 +141,7 @@ def capacity_sweep_chart(
                       annotation=dict(text=f"α = {alpha:g}", yanchor="bottom"), annotation_position="top")
     fig.update_layout(
         title=dict(text="Tokens dropped against capacity factor"),
-        xaxis=dict(title=dict(text="capacity factor α  (C = ⌊α·k·T/E⌋)")),
+        xaxis=dict(title=dict(text=f"capacity factor α  (C = max(⌈α·k·T/E⌉, {MIN_CAPACITY}))")),
         yaxis=dict(title=dict(text="tokens with an assignment dropped"), tickformat=".0%", rangemode="tozero"),
         legend=_LEGEND,
     )
