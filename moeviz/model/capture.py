@@ -111,6 +111,9 @@ ROUTER_LAYOUTS: dict[str, RouterLayout] = {
     # routed_scaling_factor. The default tuple holds exactly that selection.
     "DeepseekV3TopkRouter": RouterLayout(scoring="sigmoid"),
     "Glm4MoeTopkRouter": RouterLayout(scoring="sigmoid"),
+    # Softmax, top-k, renormalised: with top-1 (its default) every weight is 1, which no
+    # scoring function's scores are on every token.
+    "HunYuanMoEV1Gate": RouterLayout(scoring="softmax"),
     "Llama4Router": RouterLayout(logits=1, selection=_llama4_selection, scoring="sigmoid"),
     "SwitchTransformersTop1Router": RouterLayout(logits=2, selection=_switch_selection, top_k=1),
     # DbrxRouter returns the logits alone; DbrxFFN picks the top-k and p-normalises their
@@ -383,11 +386,16 @@ PROBE_TOKENS = 32
 _probed: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
+class _Recorded(Exception):
+    """Stops a probe's MoE block once its router's selection is recorded."""
+
+
 def probe_scoring(model: nn.Module, site: RouterSite) -> str:
     """The scoring of `site`'s router, decided (`decide_scoring`) on one call of its MoE block
     with PROBE_TOKENS random hidden states: the function is in the router's code, whatever
-    its input. Remembered per model. A model on the meta device, or a block that cannot be
-    called with hidden states alone, gets what the model declares, or "unknown"."""
+    its input. The call stops once the selection is recorded, before any expert runs.
+    Remembered per model. A model on the meta device, or a block that cannot be called with
+    hidden states alone, gets what the model declares, or "unknown"."""
     if model in _probed:
         return _probed[model]
     declared = declared_scoring(model, site)
@@ -395,16 +403,34 @@ def probe_scoring(model: nn.Module, site: RouterSite) -> str:
     if parameter.is_meta:
         return declared or "unknown"
     hidden_size = model.config.get_text_config(decoder=True).hidden_size
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=generator).to(parameter.device, parameter.dtype)
+    hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=torch.Generator().manual_seed(0))
+    recorded: dict = {}
+
+    def stop(*_):
+        if set(recorded.get(site.name, {})) == set(PARTS):
+            raise _Recorded
+
+    handles = []
     try:
+        # `stop` runs right after the recorder's hook: on the experts, recording_routers
+        # prepends its own in front of this one; on the router, this one comes after it.
+        if site.layout.selection is None:
+            handles.append(site.block.experts.register_forward_pre_hook(stop, prepend=True))
         with recording_routers(model, [site]) as collector, torch.inference_mode():
-            site.block(hidden)
-        logits, weights, ids = (torch.cat(collector[site.name][part]).numpy()[None] for part in PARTS)
-    except (KeyError, RuntimeError, TypeError, ValueError):  # a block needing more than hidden states
+            recorded = collector
+            if site.layout.selection is not None:
+                handles.append(site.module.register_forward_hook(stop))
+            site.block(hidden.to(parameter.device, parameter.dtype))
+    except _Recorded:
+        logits, weights, ids = (torch.cat(recorded[site.name][part]).numpy()[None] for part in PARTS)
+        scoring = decide_scoring(logits, weights, ids, declared)
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):  # needs more than hidden states
         scoring = declared or "unknown"
     else:
-        scoring = decide_scoring(logits, weights, ids, declared)
+        scoring = declared or "unknown"  # the block never called its router
+    finally:
+        for handle in handles:
+            handle.remove()
     _probed[model] = scoring
     return scoring
 
@@ -433,7 +459,7 @@ def recording_routers(model: nn.Module, sites: list[RouterSite] | None = None) -
                 experts = getattr(site.block, "experts", None)
                 if experts is None:
                     raise _unreadable(model, site, "its MoE block has no `experts` module to read the selection from")
-                handles.append(experts.register_forward_pre_hook(_experts_recorder(model, site, collector)))
+                handles.append(experts.register_forward_pre_hook(_experts_recorder(model, site, collector), prepend=True))
         token = _active_collector.set(collector)
         try:
             yield collector
