@@ -18,7 +18,7 @@ if trace is not None:
     st.html(charts.token_view_html(trace, layer))
 
     st.subheader("Router probabilities")
-    if router_scores_shown(trace, "The router probability heatmap"):
+    if router_scores_shown(trace, "The router probability heatmap", logits_suffice=True):
         show_figure(charts.probability_heatmap(trace, layer), "probabilities")
 
     left, right = st.columns(2)

@@ -350,3 +350,47 @@ def test_summary():
     lines = [f"{model_type:32} {outcome:16} {detail}" for model_type, (outcome, detail) in sorted(OUTCOMES.items())]
     print("\n".join(lines))
     assert counts == SUMMARY_COUNTS, "\n".join(lines)
+
+
+# -- a trace whose scoring is unknown, end to end -------------------------------------------
+
+
+def _unknown_trace():
+    from factories import make_trace
+
+    logits = np.random.default_rng(0).normal(size=(1, 6, 4)).astype(np.float32)
+    topk = np.argsort(-logits, axis=-1)[..., :2]
+    return make_trace(topk, logits, scoring="unknown")
+
+
+def test_unknown_scoring_shows_raw_logits_and_computes_nothing_from_a_guess():
+    from moeviz.analysis import metrics
+    from moeviz.cli import summary_table
+    from moeviz.views import charts
+
+    trace = _unknown_trace()
+    reloaded = type(trace).from_bytes(trace.to_bytes())
+    assert reloaded.scoring == "unknown" and not reloaded.has_scores
+    figure = charts.probability_heatmap(trace, 0)
+    np.testing.assert_array_equal(figure.data[0].z, trace.router_logits[0].T)
+    assert figure.data[0].name == "raw router logit (scoring unknown)"
+    for metric in (metrics.router_entropy, metrics.balance_loss):
+        with pytest.raises(UnknownScoringError, match="shows the raw logits"):
+            metric(trace)
+    table = summary_table(trace)
+    assert "Scoring unknown" in table and "unknown router" in table
+
+
+def test_unknown_scoring_on_the_pages_is_a_visible_note_not_a_guess():
+    from streamlit.testing.v1 import AppTest
+
+    trace = _unknown_trace()
+    app = AppTest.from_file(str(Path(__file__).resolve().parent.parent / "app.py"), default_timeout=300)
+    app.run()
+    app.radio(key="analyse_text_source").set_value("Trace file").run()
+    app.get("file_uploader")[0].set_value(("unknown.safetensors", trace.to_bytes(), "application/octet-stream"))
+    app.run()
+    assert not app.exception
+    assert any("Shown: the raw router logits" in w.value for w in app.warning)
+    assert any("balance loss and router entropy needs router scores" in i.value for i in app.info)
+    assert not [m for m in app.metric if "entropy" in m.label]

@@ -298,8 +298,9 @@ def _shared_experts(block: nn.Module, config) -> int:
     """How many always-active experts sit beside the routed ones in a MoE block: none without
     a `shared_expert(s)` module. DeepSeek and GLM fuse `n_shared_experts` experts into that
     one MLP; Qwen2-MoE's is `shared_expert_intermediate_size` wide, a multiple of a routed
-    expert's `moe_intermediate_size` (4 in Qwen1.5-MoE-A2.7B); Llama 4 has one."""
-    if not (hasattr(block, "shared_experts") or hasattr(block, "shared_expert")):
+    expert's `moe_intermediate_size` (4 in Qwen1.5-MoE-A2.7B); Llama 4 and HunYuan
+    (`shared_mlp`) have one."""
+    if not any(hasattr(block, name) for name in ("shared_experts", "shared_expert", "shared_mlp")):
         return 0
     if getattr(config, "n_shared_experts", None) is not None:
         return int(config.n_shared_experts)
@@ -391,11 +392,13 @@ class _Recorded(Exception):
 
 
 def probe_scoring(model: nn.Module, site: RouterSite) -> str:
-    """The scoring of `site`'s router, decided (`decide_scoring`) on one call of its MoE block
-    with PROBE_TOKENS random hidden states: the function is in the router's code, whatever
-    its input. The call stops once the selection is recorded, before any expert runs.
-    Remembered per model. A model on the meta device, or a block that cannot be called with
-    hidden states alone, gets what the model declares, or "unknown"."""
+    """The scoring of `site`'s router, decided (`decide_scoring`) on one call with PROBE_TOKENS
+    random hidden states: the function is in the router's code, whatever its input. The router
+    is called alone where it returns its selection (Gemma 4's sits in the decoder layer), else,
+    or if it needs more than hidden states (MiniMax-M2's takes its bias from the block), its
+    MoE block, stopped once the selection is recorded, before any expert runs. Remembered per
+    model. On the meta device, or when neither call works, what the model declares, or
+    "unknown"."""
     if model in _probed:
         return _probed[model]
     declared = declared_scoring(model, site)
@@ -404,6 +407,21 @@ def probe_scoring(model: nn.Module, site: RouterSite) -> str:
         return declared or "unknown"
     hidden_size = model.config.get_text_config(decoder=True).hidden_size
     hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(parameter.device, parameter.dtype)
+    targets = ([site.module] if site.layout.selection is not None else []) + [site.block]
+    scoring = declared or "unknown"
+    for target in targets:
+        recorded = _probe_call(model, site, target, hidden)
+        if recorded is not None:
+            scoring = decide_scoring(*recorded, declared)
+            break
+    _probed[model] = scoring
+    return scoring
+
+
+def _probe_call(model: nn.Module, site: RouterSite, target: nn.Module, hidden: torch.Tensor):
+    """(logits, weights, ids), each [1, tokens, ...], from calling `target` (the router or its
+    block) on `hidden`; None when it cannot be called with hidden states alone."""
     recorded: dict = {}
 
     def stop(*_):
@@ -420,19 +438,15 @@ def probe_scoring(model: nn.Module, site: RouterSite) -> str:
             recorded = collector
             if site.layout.selection is not None:
                 handles.append(site.module.register_forward_hook(stop))
-            site.block(hidden.to(parameter.device, parameter.dtype))
+            target(hidden)
     except _Recorded:
-        logits, weights, ids = (torch.cat(recorded[site.name][part]).numpy()[None] for part in PARTS)
-        scoring = decide_scoring(logits, weights, ids, declared)
+        return tuple(torch.cat(recorded[site.name][part]).numpy()[None] for part in PARTS)
     except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):  # needs more than hidden states
-        scoring = declared or "unknown"
-    else:
-        scoring = declared or "unknown"  # the block never called its router
+        return None
     finally:
         for handle in handles:
             handle.remove()
-    _probed[model] = scoring
-    return scoring
+    return None  # it never called the router
 
 
 # -- hooks ---------------------------------------------------------------------------------
