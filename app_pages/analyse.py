@@ -19,7 +19,7 @@ if trace is not None:
     st.html(token_view(trace, layer))
 
     st.subheader("Router probabilities")
-    if router_scores_shown(trace, "The router probability heatmap"):
+    if router_scores_shown(trace, "The router probability heatmap", logits_suffice=True):
         show_figure(charts.probability_heatmap(trace, layer), "probabilities")
 
     stats = counted(trace)

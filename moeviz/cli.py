@@ -221,7 +221,7 @@ def summary_table(trace: RoutingTrace) -> str:
     (balanced = k) and the share of adjacent tokens keeping their first choice, against chance."""
     uniform = 1 / trace.num_experts
     load = metrics.expert_load(trace, 1)
-    scored = trace.has_logits  # a serving engine's trace has expert ids only
+    scored = trace.has_scores  # a serving engine's trace has expert ids only; a scoring may be unknown
     entropy = metrics.router_entropy(trace).mean(axis=1) if scored else None
     balance = metrics.balance_loss(trace) if scored else None
     repeats = metrics.repeat_rates(trace).same_first if trace.num_tokens >= 2 else None
@@ -246,9 +246,12 @@ def summary_table(trace: RoutingTrace) -> str:
         lines.append(f"{trace.num_tokens - trace.generated_from} of the tokens were generated")
     if trace.truncated:
         lines.append(f"The text has {trace.input_token_count} tokens; only the first {trace.num_tokens} were traced")
-    if not scored:
+    if not trace.has_logits:
         lines.append(f"Expert ids only, as {trace.engine or 'a serving engine'} reported them: "
                      "entropy and balance need router logits")
+    elif not scored:
+        lines.append(f"Scoring unknown: moeviz could not tell how {trace.router_class or 'this router'} scores "
+                     "experts, so it computes no entropy or balance from a guess")
     for row in [header, *rows]:  # layer names to the left, numbers to the right
         lines.append("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
     lines.append(

@@ -23,7 +23,11 @@ TRACE_FORMAT = "moeviz-trace"
 # topk_weights and router_logits), each with a default, so every v1 file reads as v2.
 # 2: the same fields, numbered so that an older moeviz says the file is newer than it.
 TRACE_VERSION = 2
-SCORING_FUNCTIONS = ("softmax", "sigmoid")
+# How router_logits become router scores: softmax over the experts; sigmoid or sqrt(softplus)
+# per expert (DeepSeek-V3, DeepSeek-V4); "probabilities" when the router already returns a
+# distribution (Gemma 4); "unknown" when moeviz could not tell (`moeviz.model.capture`): then
+# the logits are shown raw and nothing is computed from a guess.
+SCORING_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus", "probabilities", "unknown")
 _ARRAY_FIELDS = ("topk_ids", "topk_weights", "router_logits")
 
 # What a trace file may claim. Each array the pages allocate is a file's own array (safetensors
@@ -46,6 +50,10 @@ class TraceFileError(ValueError):
 
 class IdsOnlyError(ValueError):
     """A trace without router logits (or weights) asked for something computed from them."""
+
+
+class UnknownScoringError(ValueError):
+    """A trace whose scoring function is unknown asked for router scores."""
 
 
 IDS_ONLY = (
@@ -176,18 +184,18 @@ class RoutingTrace:
         return self.topk_weights is not None
 
     @property
+    def has_scores(self) -> bool:
+        """Router scores can be computed: logits and weights are here and the scoring is known."""
+        return self.has_logits and self.has_weights and self.scoring != "unknown"
+
+    @property
     def router_probs(self) -> np.ndarray:
         """float32[layers, tokens, experts]: router scores with the model's own scoring function.
-        Raises IdsOnlyError for a trace without router logits."""
+        Raises IdsOnlyError for a trace without router logits, UnknownScoringError when its
+        scoring function is unknown."""
         if self.router_logits is None:
             raise IdsOnlyError(IDS_ONLY)
-        logits = self.router_logits.astype(np.float64)
-        if self.scoring == "sigmoid":
-            probs = 1.0 / (1.0 + np.exp(-logits))
-        else:
-            shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-            probs = shifted / shifted.sum(axis=-1, keepdims=True)
-        return probs.astype(np.float32)
+        return expert_scores(self.router_logits, self.scoring).astype(np.float32)
 
     @property
     def first_choice(self) -> np.ndarray:
@@ -252,6 +260,27 @@ class RoutingTrace:
         if not path.is_file():
             raise TraceFileError(f"No trace file at {path}")
         return cls.from_bytes(path.read_bytes())
+
+
+def expert_scores(logits: np.ndarray, scoring: str) -> np.ndarray:
+    """float64[..., experts]: the scores `scoring` (one of SCORING_FUNCTIONS but "unknown")
+    gives router logits float[..., experts]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if scoring == "softmax":
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return shifted / shifted.sum(axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -709: the score is then 0
+        if scoring == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        if scoring == "sqrtsoftplus":
+            return np.sqrt(np.logaddexp(0.0, logits))
+    if scoring == "probabilities":
+        return logits
+    raise UnknownScoringError(
+        "moeviz could not tell how this model's router turns its logits into scores (none of softmax, "
+        "sigmoid, sqrt-softplus or ready probabilities matches the weights it gave the experts), so it shows "
+        "the raw logits and computes no probabilities, entropy or balance loss from a guess."
+    )
 
 
 def _read_safetensors_header(data: bytes) -> dict:

@@ -226,12 +226,26 @@ def analyse(choice: ModelChoice, text: str) -> RoutingTrace | None:
 ENGINE_NAMES = {"vllm": "vLLM", "sglang": "SGLang"}
 
 
-def router_scores_shown(trace: RoutingTrace, what: str) -> bool:
-    """True when `trace` has the router logits and weights `what` is computed from; otherwise
-    an `st.info` notice in its place says why it is missing, and False. Serving engines
-    (vLLM, SGLang) report expert ids only."""
-    if trace.has_logits and trace.has_weights:
+SCORING_UNKNOWN = (
+    "moeviz could not tell how this model's router ({router}) turns its logits into scores: none of softmax, "
+    "sigmoid, sqrt-softplus or ready probabilities matches the weights it gave its experts."
+)
+
+
+def router_scores_shown(trace: RoutingTrace, what: str, logits_suffice: bool = False) -> bool:
+    """True when `trace` has the router scores `what` is computed from; otherwise an `st.info`
+    notice in its place says why they are missing, and False. Serving engines (vLLM, SGLang)
+    report expert ids only; a router whose scoring is unknown has raw logits only, which
+    `what` may show (`logits_suffice`) under a warning that says so."""
+    if trace.has_scores:
         return True
+    if trace.has_logits and trace.has_weights:  # scoring unknown
+        notice = SCORING_UNKNOWN.format(router=trace.router_class or trace.model_type)
+        if logits_suffice:
+            st.warning(f"{notice} Shown: the raw router logits, not probabilities.")
+            return True
+        st.info(f"{what} needs router scores, which moeviz does not guess. {notice}")
+        return False
     engine = ENGINE_NAMES.get(trace.engine, trace.engine or "a serving engine")
     st.info(
         f"{what} needs router logits and weights, which this trace does not have: it holds the expert ids "

@@ -18,7 +18,15 @@ import torch
 import transformers as tf
 from streamlit.testing.v1 import AppTest
 
-from moeviz.model.capture import ROUTER_LAYOUTS, NoRoutersError, find_routers, routing_facts, trace_text
+from moeviz.model.capture import (
+    ROUTER_LAYOUTS,
+    NoRoutersError,
+    UnsupportedRouterError,
+    decide_scoring,
+    find_routers,
+    routing_facts,
+    trace_text,
+)
 from moeviz.model.loading import LoadedModel, describe_model, load_model
 
 TEXT = "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b. What is 12 + 7?"
@@ -98,6 +106,11 @@ FAMILIES = {
         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
         routed_scaling_factor=1.8, head_dim=8),
         ["layer 1", "layer 2"], scoring="sigmoid", shared_experts=1, router_class="Glm4MoeTopkRouter"),
+    # Top-1 softmax renormalised over the one pick: every weight is 1, so the weights cannot
+    # show the scoring; ROUTER_LAYOUTS states it from HunYuanMoEV1Gate's code.
+    "hunyuan_v1_moe": Family(tf.HunYuanMoEV1Config, tf.HunYuanMoEV1ForCausalLM, dict(
+        SMALL, intermediate_size=48, num_hidden_layers=2, num_experts=8, moe_topk=1, head_dim=8),
+        ["layer 0", "layer 1"], shared_experts=1, router_class="HunYuanMoEV1Gate"),
     # Encoder and decoder of 4 blocks each, blocks 1 and 3 sparse; a capacity of 3 tokens per
     # expert makes the router drop tokens.
     "switch_transformers": Family(tf.SwitchTransformersConfig, tf.SwitchTransformersForConditionalGeneration, dict(
@@ -342,3 +355,90 @@ def test_dense_model_in_the_app_is_an_error_and_the_app_stays_usable(monkeypatch
     assert shown["Layers"] == "4 (2 MoE, 2 dense)"
     assert shown["Shared experts"] == "2, always active"
     assert shown["Router class"] == "Qwen2MoeTopKRouter"
+
+
+# -- scoring decided from the weights ----------------------------------------------------------
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+LOGITS = np.array([[[2.0, 0.5, -1.0, 1.0], [0.0, 3.0, 1.0, -2.0]]])  # [layers, tokens, experts]
+IDS = np.array([[[0, 3], [1, 2]]])
+
+
+@pytest.mark.parametrize("weights, declared, expected", [
+    # Mixtral: softmax, top-2 renormalised: 1 / (1 + e^(1-2)) = 0.731 for token 0.
+    (np.take_along_axis(_softmax(LOGITS), IDS, -1) / np.take_along_axis(_softmax(LOGITS), IDS, -1).sum(-1, keepdims=True),
+     None, "softmax"),
+    # DeepSeek-V3: sigmoid of the picks, normalised, times routed_scaling_factor 2.5.
+    (2.5 * (s := 1 / (1 + np.exp(-np.take_along_axis(LOGITS, IDS, -1)))) / s.sum(-1, keepdims=True), None, "sigmoid"),
+    # Weights no scoring function gives (ratios 1 : 1 where the scores differ): unknown, or
+    # what the model declares.
+    (np.full((1, 2, 2), 0.5), None, "unknown"),
+    (np.full((1, 2, 2), 0.5), "softmax", "softmax"),
+])
+def test_decide_scoring(weights, declared, expected):
+    assert decide_scoring(LOGITS, weights, IDS, declared) == expected
+
+
+def test_decide_scoring_top1_needs_one_factor_across_tokens():
+    """Top-1: the weight / score ratio must be one constant per layer (Llama 4: sigmoid, 1)."""
+    ids = IDS[..., :1]
+    sigmoid = 1 / (1 + np.exp(-np.take_along_axis(LOGITS, ids, -1)))
+    assert decide_scoring(LOGITS, sigmoid, ids) == "sigmoid"
+    one_token = decide_scoring(LOGITS[:, :1], sigmoid[:, :1], ids[:, :1])
+    assert one_token == "unknown"  # a single token fits every function: nothing to tell them apart
+
+
+def test_gemma4_router_probabilities_are_not_softmaxed_twice(tokenizer):
+    """Gemma 4's router returns probabilities at output[0] and keeps k in config.top_k_experts
+    (issue 13: a bare TypeError, and with k patched, softmax applied twice)."""
+    config = tf.Gemma4TextConfig(**{**SMALL, "num_key_value_heads": 4}, intermediate_size=48, num_hidden_layers=2,
+                                 enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=16,
+                                 head_dim=8, global_head_dim=8, layer_types=["sliding_attention", "full_attention"],
+                                 hidden_size_per_layer_input=0, vocab_size_per_layer_input=400)
+    torch.manual_seed(0)
+    model = tf.Gemma4ForCausalLM(config).eval()
+    trace = trace_text(model, tokenizer, TEXT)
+    facts = routing_facts(model)
+    assert (trace.scoring, facts.scoring, facts.top_k, facts.num_experts) == ("probabilities", "probabilities", 2, 8)
+    probs = trace.router_logits.astype(np.float64)  # what the router returned: a distribution
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(trace.router_probs, trace.router_logits)
+    from moeviz.analysis.metrics import router_entropy
+    expected = -(probs * np.log2(probs)).sum(-1)
+    np.testing.assert_allclose(router_entropy(trace), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config, model_class", [
+    (lambda: tf.MiniMaxM2Config(**SMALL, intermediate_size=48, num_hidden_layers=2, num_local_experts=8,
+                                num_experts_per_tok=2, head_dim=8), tf.MiniMaxM2ForCausalLM),
+    (lambda: tf.Dots1Config(**SMALL, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                            n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=0,
+                            n_group=1, topk_group=1, head_dim=8), tf.Dots1ForCausalLM),
+])
+def test_sigmoid_routers_outside_the_table_are_scored_with_sigmoid(config, model_class, tokenizer):
+    """Issue 13: MiniMax-M2 and Dots1 were shown softmax scores; their routers use sigmoid."""
+    torch.manual_seed(0)
+    model = model_class(config()).eval()
+    trace = trace_text(model, tokenizer, TEXT)
+    assert trace.router_class not in ROUTER_LAYOUTS and trace.scoring == "sigmoid"
+    picked = np.take_along_axis(trace.router_probs, trace.topk_ids.astype(np.int64), -1).astype(np.float64)
+    ratio = trace.topk_weights / picked  # 1 / (sum of the picks) if norm_topk_prob, else 1, per token
+    np.testing.assert_allclose(ratio[..., 0], ratio[..., 1], rtol=1e-4)
+    softmax = np.take_along_axis(_softmax(trace.router_logits.astype(np.float64)), trace.topk_ids.astype(np.int64), -1)
+    assert not np.allclose((trace.topk_weights / softmax)[..., 0], (trace.topk_weights / softmax)[..., 1], rtol=1e-2)
+
+
+def test_no_k_anywhere_is_a_one_line_refusal_naming_the_model_type():
+    model = build("mixtral")
+    for module in model.modules():
+        if hasattr(module, "top_k"):
+            module.top_k = None
+    model.config.num_experts_per_tok = 0
+    with pytest.raises(UnsupportedRouterError, match=r"^moeviz cannot tell how many experts each token uses in this "
+                                                     r"mixtral model: [^\n]*top_k_experts[^\n]*$"):
+        routing_facts(model)

@@ -8,7 +8,8 @@ Sources: GShard (Lepikhin et al. 2020, arXiv:2006.16668), Switch Transformers (F
 transformers' `load_balancing_loss_func`. Every function assumes, as every top-k router
 guarantees, that a token's k experts are distinct. `router_entropy` and `balance_loss` need
 router scores, so they raise `IdsOnlyError` for a trace of expert ids only (from a serving
-engine); everything else is counted from the ids.
+engine) and `UnknownScoringError` for a trace whose scoring is unknown; everything else is
+counted from the ids.
 
 Every function counts all the tokens of the trace it is given. Special tokens (BOS, EOS, PAD)
 are routed alike in every text, so statistics usually leave them out: pass `counted(trace)`,

@@ -7,6 +7,12 @@ selection, never re-derived from the logits (that would be wrong for biased or g
 routers such as DeepSeek-V3's). Routers that report their selection differently, or not at
 all, are described in one table, `ROUTER_LAYOUTS`.
 
+How a router scores experts (softmax, sigmoid, ...) is not looked up by class name: it is
+checked against the weights the router handed its experts (`decide_scoring`): the chosen
+experts' weights are the scores of those experts under the right function, up to the
+router's normalisation and scaling. When no function, or more than one, fits and the model
+declares none, the trace says `scoring = "unknown"` and the app shows the raw logits.
+
 Thread safety: `st.cache_resource` shares one model object between browser sessions, so a
 hook registered by one call also fires during another thread's forward pass. Each call
 therefore registers its own hooks, which record only while that call's collector is the one
@@ -16,6 +22,7 @@ set in a `ContextVar` (each thread has its own context), and removes them in `fi
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -27,13 +34,17 @@ from torch import nn
 
 from moeviz.model.tokens import Tokenized, tokenize
 from moeviz.model.weights import quantization_of
-from moeviz.trace import RoutingTrace
+from moeviz.trace import SCORING_FUNCTIONS, RoutingTrace, expert_scores
 
 DEFAULT_MAX_TOKENS = 2048
 
 
 class NoRoutersError(ValueError):
     """The model declares no MoE router modules."""
+
+
+class UnsupportedRouterError(NoRoutersError):
+    """The model declares routers whose routing moeviz cannot read."""
 
 
 def _returned(weights: int, ids: int) -> Callable:
@@ -43,7 +54,7 @@ def _returned(weights: int, ids: int) -> Callable:
 
 @dataclass(frozen=True)
 class RouterLayout:
-    """How one router class reports the routing it decided, and how it scores experts.
+    """How one router class reports the routing it decided.
 
     logits:    position of router_logits [tokens, experts] in the router's output tuple;
                None when the output is the logits tensor itself.
@@ -51,17 +62,20 @@ class RouterLayout:
                the experts receive them. None when the router returns no selection: then it
                is read where the experts module receives it, from its
                `(hidden_states, top_k_index, top_k_weights)` arguments.
-    scoring:   how router_logits become the scores shown (`RoutingTrace.router_probs`).
+    scoring:   how router_logits become scores, as read from the class's code: used where
+               the weights cannot decide it (`decide_scoring`: a model on the meta device,
+               weights that fit several functions, or none). None: the weights alone decide.
     top_k:     k of a router whose module (and MoE block) has no `top_k` attribute.
 
     The default fits most v5 routers: `(router_logits, top_k_weights, top_k_indices)`, handed
-    to the experts unchanged (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2, GPT-OSS, Jamba,
-    GraniteMoE, PhiMoE).
+    to the experts unchanged (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, Jamba,
+    GraniteMoE, ...). A router declared with its logits elsewhere in its output
+    (`OutputRecorder.index`) and absent from the table has its selection read at its experts.
     """
 
     logits: int | None = 0
     selection: Callable | None = _returned(weights=1, ids=2)
-    scoring: str = "softmax"
+    scoring: str | None = None
     top_k: int | None = None
 
 
@@ -97,11 +111,17 @@ ROUTER_LAYOUTS: dict[str, RouterLayout] = {
     # routed_scaling_factor. The default tuple holds exactly that selection.
     "DeepseekV3TopkRouter": RouterLayout(scoring="sigmoid"),
     "Glm4MoeTopkRouter": RouterLayout(scoring="sigmoid"),
+    # Softmax, top-k, renormalised: with top-1 (its default) every weight is 1, which no
+    # scoring function's scores are on every token.
+    "HunYuanMoEV1Gate": RouterLayout(scoring="softmax"),
     "Llama4Router": RouterLayout(logits=1, selection=_llama4_selection, scoring="sigmoid"),
     "SwitchTransformersTop1Router": RouterLayout(logits=2, selection=_switch_selection, top_k=1),
     # DbrxRouter returns the logits alone; DbrxFFN picks the top-k and p-normalises their
     # weights outside it, then hands them to DbrxExperts.
     "DbrxRouter": RouterLayout(logits=None, selection=None),
+    # sparsemixer: each choice's weight is a softmax over the experts near it (a masked
+    # softmax per choice), so the weights are not proportional to one softmax.
+    "PhimoeTopKRouter": RouterLayout(scoring="softmax"),
 }
 
 
@@ -124,11 +144,11 @@ class RouterSite:
 def find_routers(model: nn.Module) -> list[RouterSite]:
     """The router modules a model declares in `_can_record_outputs["router_logits"]`, in
     layer order. Raises NoRoutersError for a model without any."""
-    targets = _declared_router_classes(model)
+    declared = _declared_router_classes(model)
     encoder_layers, _ = layer_counts(model.config)
     sites = []
     for name, module in model.named_modules():
-        if not (targets and isinstance(module, targets)):
+        if not isinstance(module, tuple(declared)):
             continue
         stack = "encoder" if encoder_layers and re.match(r"(.*\.)?encoder\.", name) else "decoder"
         number = _layer_number(name)
@@ -138,25 +158,41 @@ def find_routers(model: nn.Module) -> list[RouterSite]:
             stack=stack,
             module=module,
             block=model.get_submodule(name.rpartition(".")[0]),
-            layout=ROUTER_LAYOUTS.get(type(module).__name__, DEFAULT_LAYOUT),
+            layout=_layout(module, declared),
         ))
     if not sites:
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         raise NoRoutersError(
-            f"This model ({model_type}) has no MoE routers: moeviz looks for the router classes "
+            f"This model ({_model_type(model)}) has no MoE routers: moeviz looks for the router classes "
             "a transformers model declares in `_can_record_outputs['router_logits']` "
             "(e.g. MixtralTopKRouter) and found none. Is it a dense model?"
         )
     return sorted(sites, key=lambda site: site.layer_id)
 
 
-def _declared_router_classes(model: nn.Module) -> tuple[type, ...]:
-    recorders = []
+def _declared_router_classes(model: nn.Module) -> dict[type, int]:
+    """{router class: position of router_logits in its output} from the model's declarations."""
+    classes = {}
     for module in model.modules():
         declared = (getattr(type(module), "_can_record_outputs", None) or {}).get("router_logits")
-        if declared is not None:
-            recorders.extend(declared if isinstance(declared, list) else [declared])
-    return tuple({getattr(r, "target_class", r) for r in recorders if isinstance(getattr(r, "target_class", r), type)})
+        for recorder in declared if isinstance(declared, list) else [declared]:
+            target = getattr(recorder, "target_class", recorder)
+            if isinstance(target, type):
+                classes[target] = getattr(recorder, "index", 0)
+    return classes
+
+
+def _layout(router: nn.Module, declared: dict[type, int]) -> RouterLayout:
+    """The table's layout for this router class, else the default with the logits where the
+    model declares them: a router whose logits are not first returns no selection we know of."""
+    name = type(router).__name__
+    if name in ROUTER_LAYOUTS:
+        return ROUTER_LAYOUTS[name]
+    index = next((i for cls, i in declared.items() if isinstance(router, cls)), 0)
+    return DEFAULT_LAYOUT if index == 0 else RouterLayout(logits=index, selection=None)
+
+
+def _model_type(model: nn.Module) -> str:
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
 
 
 def _layer_number(module_name: str) -> int:
@@ -193,28 +229,68 @@ class RoutingFacts:
 
 
 def routing_facts(model: nn.Module) -> RoutingFacts:
-    """The routing facts of `model`. Raises NoRoutersError for a dense model."""
+    """The routing facts of `model`. Raises NoRoutersError for a dense model, and
+    UnsupportedRouterError for routers whose k moeviz cannot find.
+
+    The scoring is checked on one MoE block run on a few random hidden states (`probe_scoring`);
+    on the meta device (no weights) it is what the model declares, or "unknown"."""
     sites = find_routers(model)
+    return _facts(model, sites, probe_scoring(model, sites[0]))
+
+
+def _facts(model: nn.Module, sites: list[RouterSite], scoring: str) -> RoutingFacts:
     first = sites[0]
     encoder_layers, decoder_layers = layer_counts(model.config)
     return RoutingFacts(
         layer_ids=[site.layer_id for site in sites],
         num_layers=encoder_layers + decoder_layers,
         encoder_layers=encoder_layers,
-        num_experts=int(_declared(first, "num_experts") or next(first.module.parameters()).shape[0]),
-        top_k=int(_declared(first, "top_k") or first.layout.top_k),
-        scoring=first.layout.scoring,
+        num_experts=_num_experts(model, first),
+        top_k=_top_k(model, first),
+        scoring=scoring,
         shared_experts=_shared_experts(first.block, model.config.get_text_config(decoder=True)),
         router_class=type(first.module).__name__,
     )
 
 
-def _declared(site: RouterSite, name: str):
-    """An attribute such as `num_experts` or `top_k` from the router, its MoE block or the
-    block's experts, whichever sets it first (DBRX's router knows neither)."""
-    for module in (site.module, site.block, getattr(site.block, "experts", None)):
-        if getattr(module, name, None) is not None:
-            return getattr(module, name)
+# Where configs keep k and E: names differ by family (Gemma 4: top_k_experts; DBRX:
+# ffn_config.moe_top_k, read from its MoE block).
+TOP_K_NAMES = ("top_k", "num_experts_per_tok", "top_k_experts", "moe_top_k", "num_experts_per_token",
+               "experts_per_token", "moe_k", "router_top_k", "num_selected_experts")
+NUM_EXPERTS_NAMES = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+
+
+def _top_k(model: nn.Module, site: RouterSite) -> int:
+    k = _declared(model, site, TOP_K_NAMES) or site.layout.top_k
+    if not k:
+        raise UnsupportedRouterError(
+            f"moeviz cannot tell how many experts each token uses in this {_model_type(model)} model: its router "
+            f"{type(site.module).__name__} and its config set none of {', '.join(TOP_K_NAMES)}."
+        )
+    return int(k)
+
+
+def _num_experts(model: nn.Module, site: RouterSite) -> int:
+    experts = _declared(model, site, NUM_EXPERTS_NAMES)
+    if not experts:
+        raise UnsupportedRouterError(
+            f"moeviz cannot tell how many experts this {_model_type(model)} model routes to: its router "
+            f"{type(site.module).__name__} and its config set none of {', '.join(NUM_EXPERTS_NAMES)}."
+        )
+    return int(experts)
+
+
+def _declared(model: nn.Module, site: RouterSite, names: tuple[str, ...]):
+    """The first of `names` set on the router, its MoE block, the block's experts, the
+    router's own config (Gemma 4) or the model's text config, in that order (DBRX's router
+    knows neither k nor E: its block does)."""
+    holders = (site.module, site.block, getattr(site.block, "experts", None), getattr(site.module, "config", None),
+               model.config.get_text_config(decoder=True), model.config)
+    for holder in holders:
+        for name in names:
+            value = getattr(holder, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
     return None
 
 
@@ -222,14 +298,155 @@ def _shared_experts(block: nn.Module, config) -> int:
     """How many always-active experts sit beside the routed ones in a MoE block: none without
     a `shared_expert(s)` module. DeepSeek and GLM fuse `n_shared_experts` experts into that
     one MLP; Qwen2-MoE's is `shared_expert_intermediate_size` wide, a multiple of a routed
-    expert's `moe_intermediate_size` (4 in Qwen1.5-MoE-A2.7B); Llama 4 has one."""
-    if not (hasattr(block, "shared_experts") or hasattr(block, "shared_expert")):
+    expert's `moe_intermediate_size` (4 in Qwen1.5-MoE-A2.7B); Llama 4 and HunYuan
+    (`shared_mlp`) have one."""
+    if not any(hasattr(block, name) for name in ("shared_experts", "shared_expert", "shared_mlp")):
         return 0
     if getattr(config, "n_shared_experts", None) is not None:
         return int(config.n_shared_experts)
     shared = getattr(config, "shared_expert_intermediate_size", None)
     routed = getattr(config, "moe_intermediate_size", None)
     return max(1, round(shared / routed)) if shared and routed else 1
+
+
+# -- scoring -------------------------------------------------------------------------------
+
+CANDIDATE_SCORINGS = tuple(name for name in SCORING_FUNCTIONS if name != "unknown")
+# Largest relative spread of weight / score allowed where the scoring fits: bf16 weights carry
+# rounding errors up to 2^-8 ≈ 0.4%; a wrong function misses by far more on almost every token.
+SCORING_TOLERANCE = 2e-2
+
+
+def decide_scoring(logits: np.ndarray, weights: np.ndarray, ids: np.ndarray, declared: str | None = None) -> str:
+    """How a router turned `logits` float[layers, tokens, experts] into the `weights`
+    float[layers, tokens, k] it gave experts `ids` int[layers, tokens, k], or "unknown".
+
+    A scoring function fits when the weights are the chosen experts' scores up to one factor
+    per token (top-k normalisation, routed_scaling_factor): with two or more weighted picks
+    per token, their ratios must equal those of the scores; with one (top-1), weight / score
+    must be one constant across the tokens of a layer (Llama 4: sigmoid, Switch: softmax).
+    Softmax over the top-k logits only (GPT-OSS, GraniteMoE) is the full softmax
+    renormalised, so "softmax" fits it. "probabilities" fits a router that returns
+    distributions itself (every row >= 0, summing to 1: Gemma 4), whatever its weights.
+    Zero weights (a token dropped at capacity) say nothing and are skipped.
+
+    One fitting function is the answer; with several (too few tokens to tell apart), or none
+    (PhiMoE's sparsemixer weights), the `declared` one (`declared_scoring`, or the probe's) if
+    it is among them or none fits; otherwise "unknown".
+    """
+    fits = [name for name in CANDIDATE_SCORINGS if _fits(name, logits, weights, ids)]
+    if len(fits) == 1:
+        return fits[0]
+    if declared in CANDIDATE_SCORINGS and (declared in fits or not fits):
+        return declared
+    return "unknown"
+
+
+def _fits(scoring: str, logits: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> bool:
+    """Whether `weights` are `scoring`'s scores of `ids` up to a factor per token (a factor per
+    layer for top-1), within SCORING_TOLERANCE. One layer at a time: a whole trace's scores in
+    float64 would take gigabytes."""
+    if scoring == "probabilities":
+        return bool((logits >= 0).all() and np.allclose(logits.sum(-1), 1.0, atol=1e-3))
+    spreads = [_ratio_spread(expert_scores(layer_logits, scoring), np.asarray(layer_weights, np.float64), layer_ids)
+               for layer_logits, layer_weights, layer_ids in zip(logits, weights, np.asarray(ids, np.int64))]
+    return max(spreads, default=0.0) <= SCORING_TOLERANCE
+
+
+def _ratio_spread(scores: np.ndarray, weights: np.ndarray, ids: np.ndarray) -> float:
+    """The largest relative spread of weight / score [tokens, k] within a token, or across
+    the layer's tokens when none has two weighted picks; inf where a weighted pick scores <= 0."""
+    scores = np.take_along_axis(scores, ids, axis=-1)
+    # Weights far below their token's largest are lost to rounding: only the rest are evidence.
+    used = weights > 1e-6 * weights.max(axis=-1, keepdims=True)
+    if ((scores <= 0) & used).any():
+        return np.inf
+    ratio = weights / np.where(used, scores, 1.0)
+    several = used.sum(-1) >= 2
+    if several.any():
+        high, low = (np.where(used, ratio, fill)[several] for fill in (-np.inf, np.inf))
+        return float((high.max(-1) / low.min(-1)).max() - 1)
+    kept = ratio[used]
+    return float(kept.max() / kept.min() - 1) if kept.size else 0.0
+
+
+def declared_scoring(model: nn.Module, site: RouterSite) -> str | None:
+    """The scoring the model states: its router's ROUTER_LAYOUTS entry, else its config's
+    `scoring_func` (DeepSeek-V4, Inkling 2) or `expert_selection_fn` (Cohere 2 MoE)."""
+    if site.layout.scoring is not None:
+        return site.layout.scoring
+    config = model.config.get_text_config(decoder=True)
+    for name in ("scoring_func", "expert_selection_fn"):
+        value = getattr(config, name, None)
+        if value in CANDIDATE_SCORINGS:
+            return value
+    return None
+
+
+PROBE_TOKENS = 32
+_probed: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+class _Recorded(Exception):
+    """Stops a probe's MoE block once its router's selection is recorded."""
+
+
+def probe_scoring(model: nn.Module, site: RouterSite) -> str:
+    """The scoring of `site`'s router, decided (`decide_scoring`) on one call with PROBE_TOKENS
+    random hidden states: the function is in the router's code, whatever its input. The router
+    is called alone where it returns its selection (Gemma 4's sits in the decoder layer), else,
+    or if it needs more than hidden states (MiniMax-M2's takes its bias from the block), its
+    MoE block, stopped once the selection is recorded, before any expert runs. Remembered per
+    model. On the meta device, or when neither call works, what the model declares, or
+    "unknown"."""
+    if model in _probed:
+        return _probed[model]
+    declared = declared_scoring(model, site)
+    parameter = next(site.block.parameters())
+    if parameter.is_meta:
+        return declared or "unknown"
+    hidden_size = model.config.get_text_config(decoder=True).hidden_size
+    hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(parameter.device, parameter.dtype)
+    targets = ([site.module] if site.layout.selection is not None else []) + [site.block]
+    scoring = declared or "unknown"
+    for target in targets:
+        recorded = _probe_call(model, site, target, hidden)
+        if recorded is not None:
+            scoring = decide_scoring(*recorded, declared)
+            break
+    _probed[model] = scoring
+    return scoring
+
+
+def _probe_call(model: nn.Module, site: RouterSite, target: nn.Module, hidden: torch.Tensor):
+    """(logits, weights, ids), each [1, tokens, ...], from calling `target` (the router or its
+    block) on `hidden`; None when it cannot be called with hidden states alone."""
+    recorded: dict = {}
+
+    def stop(*_):
+        if set(recorded.get(site.name, {})) == set(PARTS):
+            raise _Recorded
+
+    handles = []
+    try:
+        # `stop` runs right after the recorder's hook: on the experts, recording_routers
+        # prepends its own in front of this one; on the router, this one comes after it.
+        if site.layout.selection is None:
+            handles.append(site.block.experts.register_forward_pre_hook(stop, prepend=True))
+        with recording_routers(model, [site]) as collector, torch.inference_mode():
+            recorded = collector
+            if site.layout.selection is not None:
+                handles.append(site.module.register_forward_hook(stop))
+            target(hidden)
+    except _Recorded:
+        return tuple(torch.cat(recorded[site.name][part]).numpy()[None] for part in PARTS)
+    except (AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError):  # needs more than hidden states
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return None  # it never called the router
 
 
 # -- hooks ---------------------------------------------------------------------------------
@@ -240,21 +457,23 @@ _active_collector: ContextVar[dict | None] = ContextVar("moeviz_router_collector
 
 
 @contextmanager
-def recording_routers(model: nn.Module) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
-    """Record every router call of `model` made by this thread inside the block.
+def recording_routers(model: nn.Module, sites: list[RouterSite] | None = None) -> Iterator[dict[str, dict[str, list[torch.Tensor]]]]:
+    """Record every router call of `model` (or of `sites` only) made by this thread inside the block.
 
     Yields {router name: {"logits" | "weights" | "ids": [tensor per forward pass]}}, tensors
     [tokens, experts or k], detached and on the CPU. Hooks exist only for the duration of
-    the block.
+    the block. A router whose output does not fit its layout raises UnsupportedRouterError.
     """
     collector: dict[str, dict[str, list[torch.Tensor]]] = {}
     handles = []
     try:
-        for site in find_routers(model):
-            handles.append(site.module.register_forward_hook(_router_recorder(site, collector)))
+        for site in find_routers(model) if sites is None else sites:
+            handles.append(site.module.register_forward_hook(_router_recorder(model, site, collector)))
             if site.layout.selection is None:
-                experts = site.block.get_submodule("experts")
-                handles.append(experts.register_forward_pre_hook(_experts_recorder(site, collector)))
+                experts = getattr(site.block, "experts", None)
+                if experts is None:
+                    raise _unreadable(model, site, "its MoE block has no `experts` module to read the selection from")
+                handles.append(experts.register_forward_pre_hook(_experts_recorder(model, site, collector), prepend=True))
         token = _active_collector.set(collector)
         try:
             yield collector
@@ -265,7 +484,14 @@ def recording_routers(model: nn.Module) -> Iterator[dict[str, dict[str, list[tor
             handle.remove()
 
 
-def _router_recorder(site: RouterSite, collector: dict):
+def _unreadable(model: nn.Module, site: RouterSite, why: str) -> UnsupportedRouterError:
+    return UnsupportedRouterError(
+        f"moeviz cannot read the routing of this {_model_type(model)} model: router {type(site.module).__name__} "
+        f"at {site.name}: {why}."
+    )
+
+
+def _router_recorder(model: nn.Module, site: RouterSite, collector: dict):
     layout = site.layout
 
     def hook(module, args, output):
@@ -278,28 +504,41 @@ def _router_recorder(site: RouterSite, collector: dict):
             if layout.selection is not None:
                 parts["weights"], parts["ids"] = layout.selection(module, output)
         except (IndexError, TypeError, ValueError) as error:
-            raise TypeError(
-                f"Router {type(module).__name__} at {site.name} returned {type(output).__name__}, which "
-                "does not fit its layout (by default (router_logits, top_k_weights, top_k_indices)). "
-                f"Describe it in moeviz.model.capture.ROUTER_LAYOUTS. ({error})"
-            ) from error
-        _store(collector, site, parts)
+            raise _unreadable(model, site, f"it returned {type(output).__name__}, not (router_logits, top_k_weights, "
+                                           f"top_k_indices) nor a layout in ROUTER_LAYOUTS ({error})") from error
+        _store(collector, site, _checked(model, site, parts))
 
     return hook
 
 
-def _experts_recorder(site: RouterSite, collector: dict):
+def _experts_recorder(model: nn.Module, site: RouterSite, collector: dict):
     def hook(module, args):
         if _active_collector.get() is not collector:
             return
         if len(args) < 3:
-            raise TypeError(
-                f"The experts of {site.name} were called with {len(args)} positional arguments; moeviz "
-                "reads their selection from (hidden_states, top_k_index, top_k_weights)."
-            )
-        _store(collector, site, {"ids": args[1], "weights": args[2]})
+            raise _unreadable(model, site, f"its experts were called with {len(args)} positional arguments, not "
+                                           "(hidden_states, top_k_index, top_k_weights)")
+        _store(collector, site, _checked(model, site, {"ids": args[1], "weights": args[2]}))
 
     return hook
+
+
+def _checked(model: nn.Module, site: RouterSite, parts: dict) -> dict:
+    """Refuse what is not a selection: ids must be integers, weights floats of the same shape,
+    and the logits a float tensor (NLLB-MoE's tuple, read by the default layout, has floats
+    where the ids should be)."""
+    ids, weights, logits = parts.get("ids"), parts.get("weights"), parts.get("logits")
+    problems = [
+        (ids is not None and not (isinstance(ids, torch.Tensor) and not ids.is_floating_point()), "expert ids that are not integers"),
+        (weights is not None and not (isinstance(weights, torch.Tensor) and weights.is_floating_point()), "weights that are not floats"),
+        (ids is not None and weights is not None and getattr(ids, "shape", None) != getattr(weights, "shape", None),
+         "ids and weights of different shapes"),
+        (logits is not None and not (isinstance(logits, torch.Tensor) and logits.is_floating_point()), "router logits that are not floats"),
+    ]
+    for wrong, what in problems:
+        if wrong:
+            raise _unreadable(model, site, f"it reported {what}")
+    return parts
 
 
 def _store(collector: dict, site: RouterSite, parts: dict[str, torch.Tensor]) -> None:
@@ -355,17 +594,18 @@ def build_trace(model, tokenized: Tokenized, text: str, collector: dict, *, mode
     missing = [site.name for site in sites if set(collector.get(site.name, {})) != set(PARTS)]
     if missing:
         raise RuntimeError(f"Routers {missing} did not run during the forward pass")
-    logits, weights, ids = (
-        np.stack([torch.cat(collector[site.name][part]).numpy() for site in sites]) for part in PARTS
-    )
-    if not logits.shape[1] == weights.shape[1] == ids.shape[1] == len(tokenized.ids) or weights.shape != ids.shape:
-        raise RuntimeError(
-            f"The routers recorded logits {logits.shape[1:]}, weights {weights.shape[1:]} and ids "
-            f"{ids.shape[1:]} for {len(tokenized.ids)} tokens; expected [tokens, experts] and "
-            "[tokens, k]. Check this router's entry in moeviz.model.capture.ROUTER_LAYOUTS."
+    try:
+        logits, weights, ids = (
+            np.stack([torch.cat(collector[site.name][part]).numpy() for site in sites]) for part in PARTS
         )
+    except (RuntimeError, ValueError) as error:  # layers or calls of different widths
+        raise _unreadable(model, sites[0], f"its routers recorded parts that do not stack ({error})") from None
+    if not logits.shape[1] == weights.shape[1] == ids.shape[1] == len(tokenized.ids) or weights.shape != ids.shape:
+        raise _unreadable(model, sites[0], f"its routers recorded logits {logits.shape[1:]}, weights "
+                                           f"{weights.shape[1:]} and ids {ids.shape[1:]} for {len(tokenized.ids)} "
+                                           "tokens, not [tokens, experts] and [tokens, k]")
     ids, weights = _by_weight(ids, weights)
-    facts = routing_facts(model)
+    facts = _facts(model, sites, _trace_scoring(model, sites[0], logits, weights, ids))
     return RoutingTrace(
         model_id=model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__,
         model_type=model.config.model_type,
@@ -388,6 +628,15 @@ def build_trace(model, tokenized: Tokenized, text: str, collector: dict, *, mode
         encoder_layers=facts.encoder_layers,
         special_ids=tokenized.special_ids,
     )
+
+
+def _trace_scoring(model, site: RouterSite, logits, weights, ids) -> str:
+    """The scoring the weights of this very call show, the model's declared one where they
+    cannot tell, else the probe's (run only then: it calls a MoE block once more)."""
+    scoring = decide_scoring(logits, weights, ids, declared_scoring(model, site))
+    if scoring == "unknown" and (probed := probe_scoring(model, site)) != "unknown":
+        scoring = decide_scoring(logits, weights, ids, probed)
+    return scoring
 
 
 def _by_weight(ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -134,8 +134,13 @@ def expert_axis(num_experts: int) -> dict:
     return axis
 
 
+SCORE_NAMES = {"softmax": "router probability", "probabilities": "router probability",
+               "sigmoid": "router score (sigmoid)", "sqrtsoftplus": "router score (sqrt softplus)",
+               "unknown": "raw router logit (scoring unknown)"}
+
+
 def _score_name(trace: RoutingTrace) -> str:
-    return "router probability" if trace.scoring == "softmax" else "router score (sigmoid)"
+    return SCORE_NAMES[trace.scoring]
 
 
 def shared_experts_note(shared_experts: int) -> str:
@@ -149,7 +154,8 @@ def shared_experts_note(shared_experts: int) -> str:
 
 
 def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
-    """Router scores of one layer: z float[experts, tokens], with every top-k pick marked.
+    """Router scores of one layer: z float[experts, tokens], with every top-k pick marked;
+    the raw logits, named so, when the trace's scoring is unknown.
 
     Trace 0 is the heatmap (y = expert, x = token position, customdata = token label);
     trace 1 marks each (token, expert) the model actually used, hover giving its weight.
@@ -167,7 +173,7 @@ def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
     position = "" if tick_labels else "token %{x}: "
 
     heatmap = go.Heatmap(
-        z=trace.router_probs[layer].T,  # [experts, tokens]
+        z=(trace.router_logits if trace.scoring == "unknown" else trace.router_probs)[layer].T,  # [experts, tokens]
         x=positions,
         y=np.arange(num_experts),
         customdata=np.tile(labels, (num_experts, 1)),
