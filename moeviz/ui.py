@@ -13,13 +13,25 @@ import streamlit as st
 from moeviz.analysis import metrics
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.model.generation import Sampling, trace_generation
-from moeviz.model.loading import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
+from moeviz.model.loading import (
+    BUNDLED_MODEL,
+    DTYPES,
+    LoadedModel,
+    ModelLoadError,
+    ModelSummary,
+    describe_model,
+    estimate_memory,
+    load_model,
+)
+from moeviz.model.planning import STORAGE_NAMES, MemoryPlan, format_bytes
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 MAX_TOKENS_LIMIT = 8192
-WEIGHT_STORAGE = {"full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
+WEIGHT_STORAGE = {"auto (full precision if it fits, else 4-bit)": "auto", "full precision (the dtype above)": "none",
+                  "4-bit (NF4)": "nf4"}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -30,7 +42,7 @@ class ModelChoice:
     device: str
     dtype: str
     max_tokens: int
-    quantization: str = "none"  # "nf4": experts, attention and embeddings in 4-bit
+    quantization: str = "auto"  # or "none", or "nf4": experts, attention and embeddings in 4-bit
 
 
 def default_model_source() -> str:
@@ -38,9 +50,35 @@ def default_model_source() -> str:
     return os.environ.get("MOEVIZ_MODEL") or str(BUNDLED_MODEL)
 
 
+def env_default(variable: str, choices) -> int:
+    """The index of $variable among `choices` (a selectbox's starting option), 0 when unset;
+    an unknown value is reported and ignored."""
+    value = os.environ.get(variable)
+    if value is None or value in choices:
+        return list(choices).index(value) if value else 0
+    st.warning(f"${variable} is {value!r}, which is not one of {', '.join(choices)}: starting from {choices[0]}.")
+    return 0
+
+
+@st.cache_data(show_spinner="Reading the model's config…", max_entries=8)
+def cached_estimate(source: str, device: str, dtype: str) -> MemoryPlan:
+    """The memory estimate made before the model's first load; kept, so that "auto" decides the
+    same way on every rerun (free memory drops once the model is loaded)."""
+    return estimate_memory(source, device=device, dtype=dtype)
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def cached_model(source: str, device: str, dtype: str, quantization: str = "none") -> LoadedModel:
-    return load_model(source, device=device, dtype=dtype, quantization=quantization)
+def cached_model(source: str, device: str, dtype: str, quantization: str = "auto") -> LoadedModel:
+    bar = st.empty()  # filled while a 4-bit load streams in, emptied when it is done
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / total, text=f"Loading the weights in 4-bit: {done} of {total} parts")
+
+    try:
+        plan = cached_estimate(source, device, dtype) if quantization == "auto" else None
+        return load_model(source, device=device, dtype=dtype, quantization=quantization, plan=plan, progress=progress)
+    finally:
+        bar.empty()
 
 
 @st.cache_data(show_spinner="Running the model and capturing its routing…", max_entries=128)
@@ -69,27 +107,44 @@ def model_sidebar() -> ModelChoice | None:
             help="The default is moeviz's own small Mixtral, bundled and offline. "
             "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
         ).strip()
-        device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
-        dtype = st.selectbox("Weights dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype")
-        quantization = "none"
-        if find_spec("bitsandbytes"):  # offered only where bitsandbytes can deliver it
+        device = st.selectbox("Device", DEVICES, index=env_default("MOEVIZ_DEVICE", DEVICES), key="model_device")
+        dtype = st.selectbox("Weights dtype", list(DTYPES), index=env_default("MOEVIZ_DTYPE", list(DTYPES)),
+                             key="model_dtype")
+        quantization = "auto"
+        if find_spec("bitsandbytes"):  # a choice only where bitsandbytes can deliver 4-bit
+            storages = list(WEIGHT_STORAGE.values())
             quantization = WEIGHT_STORAGE[st.selectbox(
                 "Weights storage", list(WEIGHT_STORAGE), key="model_quantization",
-                help="4-bit (NF4) stores the experts, attention and embeddings in about 4.1 bits a weight "
-                "(a quarter of 16-bit), loading layer by layer; routers stay in the dtype above, which is "
-                "also the compute dtype. It is for big models on a GPU: on the CPU it is slower than 16-bit.",
+                index=env_default("MOEVIZ_QUANTIZATION", storages),
+                help="auto keeps full precision when the weights fit the device with 10% of its free memory "
+                "to spare, else loads 4-bit. 4-bit (NF4) stores the experts, attention and embeddings in about "
+                "4.1 bits a weight (a quarter of 16-bit), loading layer by layer; routers stay in the dtype "
+                "above, which is also the compute dtype. It is for big models on a GPU: on the CPU it is "
+                "slower than 16-bit.",
             )]
         max_tokens = int(st.number_input(
             "Token limit", min_value=1, max_value=MAX_TOKENS_LIMIT, value=DEFAULT_MAX_TOKENS, step=256,
             key="max_tokens", help="Longer texts are cut at this many tokens, with a notice.",
         ))
         try:
+            show_estimate(cached_estimate(source, device, dtype), quantization)
             loaded = cached_model(source, device, dtype, quantization)
         except (ModelLoadError, NoRoutersError) as error:
             st.error(str(error))
             return None
         show_model_summary(loaded)
     return ModelChoice(source, device, dtype, max_tokens, quantization)
+
+
+def show_estimate(plan: MemoryPlan, quantization: str) -> None:
+    """What the weights need in each storage against the free memory, and what auto picks."""
+    nf4 = format_bytes(plan.nf4_bytes) if plan.nf4_bytes is not None else "not possible"
+    auto = STORAGE_NAMES.get(plan.auto, "nothing fits")
+    chosen = f"auto picks {auto}" if quantization == "auto" else f"{STORAGE_NAMES[quantization]} as chosen (auto: {auto})"
+    st.caption(
+        f"Weights: {format_bytes(plan.full_bytes)} in {plan.dtype}, {nf4} in 4-bit · "
+        f"{format_bytes(plan.free_bytes)} free on {plan.device} · {chosen}"
+    )
 
 
 def show_model_summary(loaded: LoadedModel) -> None:
