@@ -95,12 +95,12 @@ class MemoryPlan:
 
     def rows(self) -> dict[str, str]:
         """The estimate as a person reads it, in display order."""
+        auto, full = STORAGE_NAMES.get(self.auto, "nothing fits"), format_bytes(self.full_bytes)
         if self.stored_as:
-            auto = f"full precision: the checkpoint is already quantized ({self.stored_as}) and loads as stored"
-        else:
-            auto = STORAGE_NAMES.get(self.auto, "nothing fits")
+            auto = f"the checkpoint as stored: it is already quantized ({self.stored_as})"
+            full += " if it were not quantized"
         return {
-            f"Full precision ({self.dtype})": format_bytes(self.full_bytes),
+            f"Full precision ({self.dtype})": full,
             "4-bit (NF4)": (f"{format_bytes(self.nf4_bytes)} ({format_bytes(self.nf4_peak_bytes)} while loading)"
                             if self.nf4_bytes is not None else f"not possible: {self.nf4_refusal}"),
             f"Free memory ({self.device})": f"{format_bytes(self.free_bytes)}, "
