@@ -139,8 +139,8 @@ def model_sidebar() -> ModelChoice | None:
 def show_estimate(plan: MemoryPlan, quantization: str) -> None:
     """What the weights need in each storage against the free memory, and what auto picks."""
     nf4 = format_bytes(plan.nf4_bytes) if plan.nf4_bytes is not None else "not possible"
-    auto = STORAGE_NAMES.get(plan.auto, "nothing fits")
-    chosen = f"auto picks {auto}" if quantization == "auto" else f"{STORAGE_NAMES[quantization]} as chosen (auto: {auto})"
+    chosen = (f"auto picks {plan.auto_name}" if quantization == "auto"
+              else f"{STORAGE_NAMES[quantization]} as chosen (auto: {plan.auto_name})")
     st.caption(
         f"Weights: {format_bytes(plan.full_bytes)} in {plan.dtype}, {nf4} in 4-bit · "
         f"{format_bytes(plan.free_bytes)} free on {plan.device} · {chosen}"

@@ -81,6 +81,8 @@ def test_mixtral_8x7b_against_gpu_memory(mixtral_8x7b, card, total_mib, expected
         for figure in ("86.99 GiB", "22.44 GiB", "27.85 GiB", format_bytes(plan.free_bytes)):
             assert figure in message
         assert message.startswith("mistralai/Mixtral-8x7B-v0.1 does not fit on cuda:0: in full precision (bfloat16)")
+        assert message.endswith('choose full precision explicitly (quantization "none") to let the layers that do '
+                                "not fit spill to CPU memory (slow).")
     else:
         assert plan.resolve("auto") == expected
     assert (plan.resolve("none"), plan.resolve("nf4")) == ("none", "nf4")  # explicit choices stand

@@ -73,6 +73,13 @@ class MemoryPlan:
             return "none"
         return choose_storage(self.full_bytes, self.nf4_peak_bytes, self.free_bytes, self.headroom_bytes)
 
+    @property
+    def auto_name(self) -> str:
+        """What "auto" picks, as a person reads it."""
+        if self.stored_as:
+            return f"the checkpoint as stored: it is already quantized ({self.stored_as})"
+        return STORAGE_NAMES.get(self.auto, "nothing fits")
+
     def resolve(self, quantization: str) -> str:
         """`quantization` itself, or for "auto" the storage it picks. Raises ValueError, with
         both sizes and the free memory, when "auto" finds that nothing fits."""
@@ -86,26 +93,25 @@ class MemoryPlan:
         four_bit = (f"in 4-bit (NF4) {format_bytes(self.nf4_bytes)} "
                     f"({format_bytes(self.nf4_peak_bytes)} while loading)" if self.nf4_bytes is not None
                     else f"and it cannot be stored in 4-bit ({self.nf4_refusal})")
+        advice = ("Use a GPU with more free memory, or choose full precision explicitly (quantization \"none\") "
+                  "to let the layers that do not fit spill to CPU memory (slow)." if self.device.startswith("cuda")
+                  else "Free some memory, or use a machine with more, or a GPU.")
         return (
             f"{self.model_id} does not fit on {self.device}: in full precision ({self.dtype}) its weights need "
             f"{format_bytes(self.full_bytes)}, {four_bit}; {format_bytes(self.free_bytes)} are free, of which "
-            f"{ACTIVATION_SHARE:.0%} stays for activations. Choose a device with more free memory, or "
-            "full precision explicitly to let the layers that do not fit a GPU spill to CPU memory (slow)."
+            f"{ACTIVATION_SHARE:.0%} stays for activations. {advice}"
         )
 
     def rows(self) -> dict[str, str]:
         """The estimate as a person reads it, in display order."""
-        auto, full = STORAGE_NAMES.get(self.auto, "nothing fits"), format_bytes(self.full_bytes)
-        if self.stored_as:
-            auto = f"the checkpoint as stored: it is already quantized ({self.stored_as})"
-            full += " if it were not quantized"
+        full = format_bytes(self.full_bytes) + (" if it were not quantized" if self.stored_as else "")
         return {
             f"Full precision ({self.dtype})": full,
             "4-bit (NF4)": (f"{format_bytes(self.nf4_bytes)} ({format_bytes(self.nf4_peak_bytes)} while loading)"
                             if self.nf4_bytes is not None else f"not possible: {self.nf4_refusal}"),
             f"Free memory ({self.device})": f"{format_bytes(self.free_bytes)}, "
                                             f"{ACTIVATION_SHARE:.0%} kept for activations",
-            "Weights storage auto picks": auto,
+            "Weights storage auto picks": self.auto_name,
         }
 
 
