@@ -120,8 +120,8 @@ def _command(commands, name: str, run, summary: str, description: str) -> argpar
 # How a model is loaded: each flag defaults to its environment variable, else "auto".
 LOAD_OPTIONS = {
     "quantization": ("MOEVIZ_QUANTIZATION", ("auto", "none", "nf4"),
-                     "weights storage: auto = full precision when it fits the device with 10%% to spare, else "
-                     "4-bit; none = full precision; nf4 = experts, attention and embeddings in 4-bit"),
+                     ("weights storage: auto = full precision when it fits the device with 10%% to spare, else "
+                      "4-bit; none = full precision; nf4 = experts, attention and embeddings in 4-bit")),
     "device": ("MOEVIZ_DEVICE", ("auto", "cpu", "cuda"), "where the model runs: auto = the GPU when there is one"),
     "dtype": ("MOEVIZ_DTYPE", ("auto", "float32", "bfloat16", "float16"),
               "full-precision and compute dtype: auto = bfloat16 on a GPU, float32 on the CPU"),

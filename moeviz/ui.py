@@ -29,8 +29,7 @@ from moeviz.views import charts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 MAX_TOKENS_LIMIT = 8192
-WEIGHT_STORAGE = {"auto": "auto", "full precision (the dtype above)": "none",
-                  "4-bit (NF4)": "nf4"}
+WEIGHT_STORAGE = {"auto": "auto", "full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -24,7 +24,13 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PretrainedConfig
 
-from moeviz.model.quantize import QUANTIZATIONS, QuantizationError, largest_layer_bytes, planned_bytes, quantization_plan
+from moeviz.model.quantize import (
+    QUANTIZATIONS,
+    QuantizationError,
+    largest_layer_bytes,
+    planned_bytes,
+    quantization_plan,
+)
 
 STORAGES = ("auto", *QUANTIZATIONS)
 STORAGE_NAMES = {"none": "full precision", "nf4": "4-bit (NF4)"}
