@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = _command(commands, "info", info_command, "describe a MoE model", (
         "Load a model and print its family, layers (which are MoE), experts, top-k, scoring "
-        "function, shared experts, router class, parameters, size and quantization."
+        "function, shared experts, router class, parameters, size and quantization; then what its "
+        "weights need in full precision and in 4-bit, the device's free memory, and which of the two "
+        "--quantization auto picks on this machine."
     ))
     _model_option(info)
     return parser
@@ -115,9 +117,33 @@ def _command(commands, name: str, run, summary: str, description: str) -> argpar
     return command
 
 
+# How a model is loaded: each flag defaults to its environment variable, else "auto".
+LOAD_OPTIONS = {
+    "quantization": ("MOEVIZ_QUANTIZATION", ("auto", "none", "nf4"),
+                     ("weights storage: auto = full precision when it fits the device with 10%% to spare, else "
+                      "4-bit; none = full precision; nf4 = experts, attention and embeddings in 4-bit")),
+    "device": ("MOEVIZ_DEVICE", ("auto", "cpu", "cuda"), "where the model runs: auto = the GPU when there is one"),
+    "dtype": ("MOEVIZ_DTYPE", ("auto", "float32", "bfloat16", "float16"),
+              "full-precision and compute dtype: auto = bfloat16 on a GPU, float32 on the CPU"),
+}
+
+
 def _model_option(command: argparse.ArgumentParser) -> None:
     command.add_argument("--model", metavar="PATH_OR_ID",
                          help="a local model folder or a hub id (default: $MOEVIZ_MODEL, else the bundled model)")
+    for name, (variable, choices, what) in LOAD_OPTIONS.items():
+        command.add_argument(f"--{name}", choices=choices, help=f"{what} (default: ${variable}, else auto)")
+
+
+def _load_options(args) -> dict[str, str]:
+    """--quantization, --device and --dtype as given, else from their environment variables."""
+    options = {}
+    for name, (variable, choices, _) in LOAD_OPTIONS.items():
+        value = getattr(args, name) or os.environ.get(variable) or "auto"
+        if value not in choices:
+            raise UsageError(f"${variable} is {value!r}; choose one of {', '.join(choices)}")
+        options[name] = value
+    return options
 
 
 def _server_options(command: argparse.ArgumentParser) -> None:
@@ -139,6 +165,9 @@ def _server(args):
         if args.engine is not None:
             raise UsageError("--engine only applies with --server URL")
         return None
+    given = [f"--{name}" for name in LOAD_OPTIONS if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} do not apply with --server: the server loads the model")
     if args.engine is None:
         raise UsageError("--server needs --engine vllm or --engine sglang")
     if args.retries < 0:
@@ -171,10 +200,16 @@ def _existing(path: Path, what: str) -> Path:
     return path
 
 
-def _load(args):
-    from moeviz.model.loading import BUNDLED_MODEL, load_model
+def _model_source(args) -> str:
+    from moeviz.model.loading import BUNDLED_MODEL
 
-    return load_model(args.model or os.environ.get("MOEVIZ_MODEL") or BUNDLED_MODEL)
+    return args.model or os.environ.get("MOEVIZ_MODEL") or str(BUNDLED_MODEL)
+
+
+def _load(args, plan=None):
+    from moeviz.model.loading import load_model
+
+    return load_model(_model_source(args), **_load_options(args), plan=plan)
 
 
 # -- trace -----------------------------------------------------------------------------------
@@ -303,6 +338,8 @@ def serve_command(args) -> int:
             raise UsageError(f"no model folder at {args.model}")
         else:
             env["MOEVIZ_MODEL"] = args.model  # a hub id
+    for name, value in _load_options(args).items():
+        env[LOAD_OPTIONS[name][0]] = value  # the app's sidebar starts from these
     print(f"moeviz: serving on http://{args.address}:{args.port}", file=sys.stderr, flush=True)
     os.chdir(REPO)  # Streamlit reads .streamlit/config.toml from its working directory
     command = ["streamlit", "run", str(app), "--server.address", args.address, "--server.port", str(args.port)]
@@ -313,9 +350,11 @@ def serve_command(args) -> int:
 
 
 def info_command(args) -> int:
-    from moeviz.model.loading import describe_model
+    from moeviz.model.loading import describe_model, estimate_memory
 
-    rows = describe_model(_load(args)).rows()
+    options = _load_options(args)
+    plan = estimate_memory(_model_source(args), device=options["device"], dtype=options["dtype"])
+    rows = describe_model(_load(args, plan)).rows() | plan.rows()
     width = max(map(len, rows))
     print("\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in rows.items()))
     return 0

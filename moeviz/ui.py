@@ -13,7 +13,17 @@ import streamlit as st
 from moeviz.analysis import metrics
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
-from moeviz.model.loading import BUNDLED_MODEL, LoadedModel, ModelLoadError, ModelSummary, describe_model, load_model
+from moeviz.model.loading import (
+    BUNDLED_MODEL,
+    DTYPES,
+    LoadedModel,
+    ModelLoadError,
+    ModelSummary,
+    describe_model,
+    estimate_memory,
+    load_model,
+)
+from moeviz.model.planning import STORAGE_NAMES, MemoryPlan, format_bytes
 from moeviz.model.tokens import context_length
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
@@ -21,7 +31,8 @@ from moeviz.views import charts
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 INCLUDE_SPECIAL = "include_special"  # session key of the sidebar's "Count special tokens" toggle
 MAX_TOKENS_LIMIT = 8192
-WEIGHT_STORAGE = {"full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
+WEIGHT_STORAGE = {"auto": "auto", "full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class ModelChoice:
     device: str
     dtype: str
     max_tokens: int
-    quantization: str = "none"  # "nf4": experts, attention and embeddings in 4-bit
+    quantization: str = "auto"  # or "none", or "nf4": experts, attention and embeddings in 4-bit
     context: int | None = None  # positions the model was trained on (None: its config does not say)
 
 
@@ -41,9 +52,35 @@ def default_model_source() -> str:
     return os.environ.get("MOEVIZ_MODEL") or str(BUNDLED_MODEL)
 
 
+def env_default(variable: str, choices) -> int:
+    """The index of $variable among `choices` (a selectbox's starting option), 0 when unset;
+    an unknown value is reported and ignored."""
+    value = os.environ.get(variable)
+    if value is None or value in choices:
+        return list(choices).index(value) if value else 0
+    st.warning(f"${variable} is {value!r}, which is not one of {', '.join(choices)}: starting from {choices[0]}.")
+    return 0
+
+
+@st.cache_data(show_spinner="Reading the model's config…", max_entries=8)
+def cached_estimate(source: str, device: str, dtype: str) -> MemoryPlan:
+    """The memory estimate made before the model's first load; kept, so that "auto" decides the
+    same way on every rerun (free memory drops once the model is loaded)."""
+    return estimate_memory(source, device=device, dtype=dtype)
+
+
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def cached_model(source: str, device: str, dtype: str, quantization: str = "none") -> LoadedModel:
-    return load_model(source, device=device, dtype=dtype, quantization=quantization)
+def cached_model(source: str, device: str, dtype: str, quantization: str = "auto") -> LoadedModel:
+    bar = st.empty()  # filled while a 4-bit load streams in, emptied when it is done
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / total, text=f"Loading the weights in 4-bit: {done} of {total} parts")
+
+    try:
+        plan = cached_estimate(source, device, dtype) if quantization == "auto" else None
+        return load_model(source, device=device, dtype=dtype, quantization=quantization, plan=plan, progress=progress)
+    finally:
+        bar.empty()
 
 
 @st.cache_data(show_spinner="Running the model and capturing its routing…", max_entries=128)
@@ -84,17 +121,23 @@ def _model_picker() -> ModelChoice | None:
         help="The default is moeviz's own small Mixtral, bundled and offline. "
         "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
     ).strip()
-    device = st.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
-    dtype = st.selectbox("Weights dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype")
-    quantization = "none"
-    if find_spec("bitsandbytes"):  # offered only where bitsandbytes can deliver it
+    device = st.selectbox("Device", DEVICES, index=env_default("MOEVIZ_DEVICE", DEVICES), key="model_device")
+    dtype = st.selectbox("Weights dtype", list(DTYPES), index=env_default("MOEVIZ_DTYPE", list(DTYPES)),
+                         key="model_dtype")
+    quantization = "auto"
+    if find_spec("bitsandbytes"):  # a choice only where bitsandbytes can deliver 4-bit
+        storages = list(WEIGHT_STORAGE.values())
         quantization = WEIGHT_STORAGE[st.selectbox(
             "Weights storage", list(WEIGHT_STORAGE), key="model_quantization",
-            help="4-bit (NF4) stores the experts, attention and embeddings in about 4.1 bits a weight "
-            "(a quarter of 16-bit), loading layer by layer; routers stay in the dtype above, which is "
-            "also the compute dtype. It is for big models on a GPU: on the CPU it is slower than 16-bit.",
+            index=env_default("MOEVIZ_QUANTIZATION", storages),
+            help="auto keeps full precision when the weights fit the device with 10% of its free memory "
+            "to spare, else loads 4-bit. 4-bit (NF4) stores the experts, attention and embeddings in about "
+            "4.1 bits a weight (a quarter of 16-bit), loading layer by layer; routers stay in the dtype "
+            "above, which is also the compute dtype. It is for big models on a GPU: on the CPU it is "
+            "slower than 16-bit.",
         )]
     try:
+        show_estimate(cached_estimate(source, device, dtype), quantization)
         loaded = cached_model(source, device, dtype, quantization)
     except (ModelLoadError, NoRoutersError) as error:
         st.error(str(error))
@@ -110,6 +153,17 @@ def _model_picker() -> ModelChoice | None:
     ))
     show_model_summary(loaded)
     return ModelChoice(source, device, dtype, max_tokens, quantization, context)
+
+
+def show_estimate(plan: MemoryPlan, quantization: str) -> None:
+    """What the weights need in each storage against the free memory, and what auto picks."""
+    nf4 = format_bytes(plan.nf4_bytes) if plan.nf4_bytes is not None else "not possible"
+    chosen = (f"auto picks {plan.auto_name}" if quantization == "auto"
+              else f"{STORAGE_NAMES[quantization]} as chosen (auto: {plan.auto_name})")
+    st.caption(
+        f"Weights: {format_bytes(plan.full_bytes)} in {plan.dtype}, {nf4} in 4-bit · "
+        f"{format_bytes(plan.free_bytes)} free on {plan.device} · {chosen}"
+    )
 
 
 def show_model_summary(loaded: LoadedModel) -> None:

@@ -21,7 +21,8 @@ from moeviz import cli
 from moeviz.analysis import metrics
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
 from moeviz.model.generation import Sampling, trace_generation
-from moeviz.model.loading import describe_model, load_model
+from moeviz.model.loading import describe_model, estimate_memory, load_model
+from moeviz.model.planning import format_bytes
 from moeviz.trace import RoutingTrace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,8 +77,10 @@ def model_commands(tmp_path_factory, model_dir):
         "trace": start("trace", "--file", prompt, "--model", model_dir, "-o", output,
                        "--generate", 4, "--temperature", 0.8, "--seed", 3, "--max-tokens", 64),
         "info": start("info", "--model", model_dir),
+        "nf4": start("trace", TEXT, "--model", model_dir, "--quantization", "nf4", "--device", "cpu",
+                     "--dtype", "float32", "-o", folder / "nf4.safetensors"),
     }
-    yield processes, output
+    yield processes, output, folder / "nf4.safetensors"
     for process in processes.values():
         if process.poll() is None:  # a test failed before reading it
             process.kill()
@@ -88,7 +91,7 @@ def model_commands(tmp_path_factory, model_dir):
 
 
 def test_trace_of_a_file_with_generation_writes_the_trace_and_prints_its_summary(model_commands, loaded):
-    processes, output = model_commands
+    processes, output, _ = model_commands
     done = finished(processes["trace"])
     assert done.returncode == 0, done.stderr
 
@@ -102,12 +105,30 @@ def test_trace_of_a_file_with_generation_writes_the_trace_and_prints_its_summary
     assert "4 of the tokens were generated" in done.stdout
 
 
-def test_info_describes_the_model(model_commands, loaded):
+def test_trace_loads_the_model_as_the_flags_say(model_commands, model_dir):
+    processes, _, output = model_commands
+    done = finished(processes["nf4"])
+    assert done.returncode == 0, done.stderr
+    saved = RoutingTrace.load(output)
+    assert saved.quantization == "nf4"
+    nf4 = load_model(model_dir, quantization="nf4")
+    expected = trace_text(nf4.model, nf4.tokenizer, TEXT)
+    np.testing.assert_array_equal(saved.topk_ids, expected.topk_ids)
+
+
+def test_info_describes_the_model_and_its_memory_estimate(model_commands, loaded, model_dir):
     done = finished(model_commands[0]["info"])
     assert done.returncode == 0, done.stderr
     facts = dict(line.split(": ", 1) for line in done.stdout.splitlines())
     facts = {name.strip(): value.strip() for name, value in facts.items()}
-    assert facts == describe_model(loaded).rows()
+    plan = estimate_memory(model_dir)  # sizes from shapes; free memory is the machine's, measured apart
+    free = re.fullmatch(r"([\d,.]+ [MG]iB), 10% kept for activations", facts.pop("Free memory (cpu)"))
+    assert free, done.stdout
+    assert facts == describe_model(loaded).rows() | {
+        "Full precision (float32)": format_bytes(plan.full_bytes),
+        "4-bit (NF4)": f"{format_bytes(plan.nf4_bytes)} ({format_bytes(plan.nf4_peak_bytes)} while loading)",
+        "Weights storage auto picks": "full precision",
+    }
     assert (facts["Family"], facts["Routed experts"], facts["Top-k"]) == ("mixtral", "6", "2")
     assert facts["MoE layers"] == "layer 0, layer 1, layer 2" and facts["Scoring function"] == "softmax"
     assert (facts["Size"], facts["Quantization"]) == (f"{loaded.footprint_bytes / 2**20:.1f} MiB", "none")
@@ -132,8 +153,9 @@ def listening_addresses(port: int) -> set[str]:
 
 def test_serve_starts_the_app_on_localhost_with_the_model(model_dir):
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moeviz", "serve", "--port", str(port), "--model", str(model_dir)],
-                              env=ENV, cwd=REPO.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "moeviz", "serve", "--port", str(port), "--model", str(model_dir),
+                               "--quantization", "nf4", "--dtype", "float32"],
+                              env=ENV | {"MOEVIZ_DEVICE": "cpu"}, cwd=REPO.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline, health = time.monotonic() + 120, None
         while health != "ok" and server.poll() is None and time.monotonic() < deadline:
@@ -149,6 +171,8 @@ def test_serve_starts_the_app_on_localhost_with_the_model(model_dir):
         assert [b"-m", b"streamlit", b"run", str(REPO / "app.py").encode()] == command[1:5]
         environment = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
         assert f"MOEVIZ_MODEL={model_dir}".encode() in environment
+        for setting in (b"MOEVIZ_QUANTIZATION=nf4", b"MOEVIZ_DEVICE=cpu", b"MOEVIZ_DTYPE=float32"):
+            assert setting in environment  # the sidebar starts from these (tests/test_planning.py)
     finally:
         server.terminate()
         server.communicate(timeout=30)
@@ -176,6 +200,9 @@ def test_help_and_console_script():
     (["corpus", "{tmp}/missing", "-o", "{tmp}/run"], 2, "moeviz corpus: error: no corpus at {tmp}/missing"),
     (["trace", "hello", "--max-tokens", "0"], 2, "argument --max-tokens: must be at least 1, got 0"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    (["info", "--quantization", "int3"], 2, "argument --quantization: invalid choice: 'int3'"),
+    (["trace", "hi", "--server", "http://127.0.0.1:9", "--engine", "vllm", "--quantization", "nf4", "--dtype", "float16"],
+     2, "moeviz trace: error: --quantization, --dtype do not apply with --server: the server loads the model"),
 ])
 def test_usage_errors_and_bad_files_exit_before_loading_a_model(tmp_path, args, status, message):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
@@ -184,6 +211,13 @@ def test_usage_errors_and_bad_files_exit_before_loading_a_model(tmp_path, args, 
     assert (done.returncode, done.stdout) == (status, "")
     assert message.format(tmp=tmp_path) in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(("moeviz", "usage")) and time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize("variable", ["MOEVIZ_QUANTIZATION", "MOEVIZ_DEVICE", "MOEVIZ_DTYPE"])
+def test_a_bad_environment_default_is_a_usage_error(monkeypatch, capsys, variable):
+    monkeypatch.setenv(variable, "int3")
+    assert cli.main(["info"]) == 2
+    assert f"moeviz info: error: ${variable} is 'int3'; choose one of auto, " in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,18 @@ checkpoint. `trust_remote_code` stays off unless the caller asks for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from moeviz.model.capture import find_routers, routing_facts
-from moeviz.model.quantize import QUANTIZATIONS, QuantizationError, load_nf4
+from moeviz.model.planning import STORAGES, MemoryPlan, format_bytes, plan_memory
+from moeviz.model.quantize import QuantizationError, load_nf4
 from moeviz.model.weights import parameter_count, quantization_of, storage_bytes
 from moeviz.trace import layer_label
 
@@ -33,6 +36,12 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     device: str
+    plan: MemoryPlan | None = None  # the estimate "auto" decided on, when it decided
+
+    @property
+    def quantization(self) -> str:
+        """How the weights are stored: "none", "nf4", ... (weights.quantization_of)."""
+        return quantization_of(self.model)
 
     @property
     def parameter_count(self) -> int:
@@ -63,25 +72,35 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
-    quantization: str = "none",
+    quantization: str = "auto",
     double_quant: bool = True,
+    plan: MemoryPlan | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadedModel:
     """Load a MoE model and its tokenizer from a local directory or a hub id: a causal LM,
     or an encoder-decoder (Switch Transformers) when its config says `is_encoder_decoder`.
 
     device: "auto" (GPU when there is one), "cpu" or "cuda". On CUDA, accelerate places the
     layers (`device_map="auto"`), spilling to the CPU when the GPU is full.
-    quantization: "none" or "nf4": experts, attention and embeddings in 4-bit, streamed from
+    quantization: "auto" (full precision when it fits the device, else 4-bit, decided by
+    `estimate_memory` before any weight is read; `plan` is that estimate if the caller made it
+    already), "none", or "nf4": experts, attention and embeddings in 4-bit, streamed from
     safetensors layer by layer (moeviz.model.quantize); `dtype` is then the compute dtype, and on
     CUDA the whole model goes to one GPU. double_quant: 8-bit absmax too (~4.13 bits a weight).
+    progress(layers done, layers) is called as a 4-bit load streams in each layer.
     """
     source = str(source)
-    device = default_device() if device == "auto" else device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device 'cuda' was asked for, but torch sees no GPU; use device 'cpu'")
+    if quantization not in STORAGES:
+        raise ModelLoadError(f"Unknown quantization {quantization!r}; choose one of {list(STORAGES)}")
+    device = _device(device)
     _check_source(source)
-    if quantization not in QUANTIZATIONS:
-        raise ModelLoadError(f"Unknown quantization {quantization!r}; choose one of {list(QUANTIZATIONS)}")
+    if quantization == "auto":
+        plan = plan or estimate_memory(source, device=device, dtype=dtype, double_quant=double_quant,
+                                       trust_remote_code=trust_remote_code)
+        try:
+            quantization = plan.resolve(quantization)
+        except ValueError as error:
+            raise ModelLoadError(str(error)) from error
     options = dict(dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code)
     if device == "cuda":
         options["device_map"] = "auto"
@@ -91,7 +110,7 @@ def load_model(
         auto_class = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         if quantization == "nf4":  # load_nf4 refuses incomplete checkpoints itself
             model, loading = load_nf4(source, device=device, dtype=options["dtype"], double_quant=double_quant,
-                                      trust_remote_code=trust_remote_code), {"missing_keys": ()}
+                                      trust_remote_code=trust_remote_code, progress=progress), {"missing_keys": ()}
         else:
             model, loading = auto_class.from_pretrained(source, config=config, output_loading_info=True, **options)
     except QuantizationError as error:
@@ -103,7 +122,43 @@ def load_model(
     _check_complete(source, loading)
     model.eval()
     find_routers(model)  # fail now, clearly, for a dense model
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=_display_name(source), device=device)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=_display_name(source), device=device, plan=plan)
+
+
+def estimate_memory(
+    source: str | Path = BUNDLED_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    double_quant: bool = True,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """What the model at `source` will weigh in full precision and in 4-bit, against the free
+    memory of `device`, and what quantization="auto" picks (moeviz.model.planning). Reads
+    config.json and the checkpoint's index only: a hub id downloads no weights."""
+    source = str(source)
+    device = _device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    _check_source(source)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        checkpoint = Path(source).expanduser()
+        if not checkpoint.is_dir():  # a hub id: its index files say which format the weights are in
+            checkpoint = Path(snapshot_download(source, allow_patterns=["*.index.json"]))
+        return plan_memory(config, checkpoint, model_id=_display_name(source), device=device,
+                           dtype=torch_dtype, double_quant=double_quant,
+                           trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ModelLoadError(f"Could not load a model from {source!r}: {error}") from error
+    except (ValueError, KeyError) as error:
+        raise ModelLoadError(f"Could not read the model at {source!r} from its config.json: {error}") from error
+
+
+def _device(device: str) -> str:
+    device = default_device() if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for, but torch sees no GPU; use device 'cpu'")
+    return device
 
 
 def _check_complete(source: str, loading: dict) -> None:
@@ -154,7 +209,7 @@ class ModelSummary:
 
     def rows(self) -> dict[str, str]:
         """The facts as a person reads them, in display order."""
-        dense, size = self.layers - len(self.moe_layers), self.size_bytes
+        dense = self.layers - len(self.moe_layers)
         return {
             "Model": self.model_id,
             "Family": self.family,
@@ -167,7 +222,7 @@ class ModelSummary:
             "Shared experts": f"{self.shared_experts}, always active" if self.shared_experts else "none",
             "Router class": self.router_class,
             "Parameters": f"{self.parameter_count / 1e6:,.1f} M",
-            "Size": f"{size / 2**30:,.2f} GiB" if size >= 2**30 else f"{size / 2**20:,.1f} MiB",
+            "Size": format_bytes(self.size_bytes),
             "Quantization": self.quantization,
             "Device": self.device,
         }
@@ -190,5 +245,5 @@ def describe_model(loaded: LoadedModel) -> ModelSummary:
         parameter_count=loaded.parameter_count,
         device=loaded.device,
         size_bytes=loaded.footprint_bytes,
-        quantization=quantization_of(loaded.model),
+        quantization=loaded.quantization,
     )

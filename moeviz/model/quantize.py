@@ -41,6 +41,7 @@ import math
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import ExitStack
 from copy import deepcopy
 from functools import partial
@@ -275,13 +276,15 @@ def load_nf4(
     dtype: torch.dtype = torch.bfloat16,
     double_quant: bool = True,
     trust_remote_code: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> PreTrainedModel:
     """Load a MoE model from safetensors with its experts, attention and embeddings in NF4,
     streaming one decoder layer at a time (see the module docstring).
 
     dtype: the compute dtype, in which the 4-bit weights are dequantized and the routers and
     norms are kept. device: "cpu" or "cuda" (the whole model goes to the current GPU; a model
-    that does not fit is refused before loading).
+    that does not fit is refused before loading). progress(done, total) is called after each
+    group of tensors is placed: the ones outside the layers, then each decoder layer.
     """
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -304,7 +307,8 @@ def load_nf4(
     if device.type == "cuda":
         _check_fits(model, plan, device, dtype, double_quant)
     reader = _ShardReader()
-    for layer in _transforms_by_layer(model, files, reader):
+    layers = _transforms_by_layer(model, files, reader)
+    for done, layer in enumerate(layers, 1):
         for target, transform in layer.items():
             try:
                 converted = transform.convert(target, model=model, config=model.config)
@@ -316,6 +320,8 @@ def load_nf4(
                 _place(model, name, tensor, plan.get(name), device=device, dtype=dtype, double_quant=double_quant)
                 del tensor
         _return_freed_memory()
+        if progress is not None:
+            progress(done, len(layers))
     _tie(model)
     _finish(model, device)
     return model.eval()
