@@ -94,3 +94,10 @@ def test_effects_hand_worked():
     assert effects.perplexity(np.log([0.5, 0.25])) == pytest.approx(np.sqrt(8))
     with pytest.raises(ValueError, match="not of the same tokens, layers and experts"):
         effects.experts_changed(a, make_trace([[[0, 1], [1, 2]]]))
+
+
+def test_a_one_token_text_has_no_predictions(tiny_mixtral, tokenizer):
+    result = moeviz.intervene(tiny_mixtral, "The", top_k=1, tokenizer=tokenizer)
+    assert result.baseline.num_tokens == 1
+    assert result.baseline_logprobs.shape == result.changed_logprobs.shape == (0,)
+    assert cli.intervention_summary(result).splitlines()[1] == "tokens whose experts changed, per MoE layer:"

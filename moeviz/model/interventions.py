@@ -625,7 +625,7 @@ def _traced(model, tokenizer, text, intervention, model_id, max_tokens) -> tuple
 
 def _predictions(tokenizer, logits: torch.Tensor, next_ids: list[int]) -> Predictions:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    actual = logprobs.gather(1, torch.tensor(next_ids, device=logprobs.device).reshape(-1, 1))[:, 0]
+    actual = logprobs.gather(1, torch.tensor(next_ids, dtype=torch.long, device=logprobs.device).reshape(-1, 1))[:, 0]
     top = torch.topk(logprobs, min(TOP_PREDICTIONS, logprobs.shape[-1]), dim=-1)
     top_ids = top.indices.cpu().tolist()
     return Predictions(
