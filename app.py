@@ -20,7 +20,10 @@ pages = st.navigation({
         st.Page("app_pages/domains.py", title="Domains"),
         st.Page("app_pages/corpus_run.py", title="Corpus run"),
     ],
-    "Lab": [st.Page("app_pages/routing_lab.py", title="Routing lab")],
+    "Lab": [
+        st.Page("app_pages/routing_lab.py", title="Routing lab"),
+        st.Page("app_pages/intervene.py", title="Intervene"),
+    ],
     "Model": [st.Page("app_pages/models.py", title="Models")],
 })
 st.session_state["model_choice"] = model_sidebar()

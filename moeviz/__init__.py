@@ -1,6 +1,7 @@
 """moeviz: see how a Mixture-of-Experts language model routes every token to its experts.
 
-`moeviz.trace_text(model_or_path, text)` returns a `RoutingTrace`; `moeviz.metrics` and
+`moeviz.trace_text(model_or_path, text)` returns a `RoutingTrace`; `moeviz.intervene(model_or_path,
+text, ablate={layer: [experts]})` re-runs the text with the routing changed; `moeviz.metrics` and
 `moeviz.charts` (`moeviz.analysis.metrics`, `moeviz.views.charts`) turn traces into numbers and
 Plotly figures.
 
@@ -19,6 +20,7 @@ from importlib import import_module
 
 _LAZY = {
     "trace_text": "moeviz.api",
+    "intervene": "moeviz.api",
     "load_model": "moeviz.model.loading",
     "RoutingTrace": "moeviz.trace",
     "Sampling": "moeviz.model.generation",

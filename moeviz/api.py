@@ -1,15 +1,19 @@
-"""The notebook API: one call from a model (or its path) and a text to a RoutingTrace.
+"""The notebook API: one call from a model (or its path) and a text to a RoutingTrace, or to
+the same text re-run with the routing changed.
 
     >>> import moeviz
     >>> trace = moeviz.trace_text("assets/model", "def f(x): return x + 1")
     >>> moeviz.charts.expert_load_chart(moeviz.metrics.expert_load(trace)[0], 2 / 8)
+    >>> result = moeviz.intervene("assets/model", "def f(x): return x + 1", ablate={2: [5]})
+    >>> result.changed_logprobs - result.baseline_logprobs
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from moeviz.model import capture, generation
+from moeviz.model import capture, generation, interventions
 from moeviz.model.loading import LoadedModel, load_model
 from moeviz.trace import RoutingTrace
 
@@ -32,6 +36,43 @@ def trace_text(
             loaded.model, loaded.tokenizer, text, sampling, model_id=loaded.model_id, max_tokens=max_tokens
         )
     return capture.trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=max_tokens)
+
+
+def intervene(
+    model: str | Path | LoadedModel | object,
+    text: str,
+    ablate: Mapping[int, Sequence[int]] | None = None,
+    force: Mapping[int, Sequence[int]] | None = None,
+    top_k: int | Mapping[int, int] | None = None,
+    bias: Mapping[int, Mapping[int, float] | Sequence[float]] | None = None,
+    capacity_factor: float | Mapping[int, float] | None = None,
+    *,
+    tokenizer=None,
+    max_tokens: int = capture.DEFAULT_MAX_TOKENS,
+    continuation_tokens: int = 0,
+    **load_options,
+) -> interventions.InterventionResult:
+    """`text` through `model` as it routes, and again with its routing changed inside the
+    forward pass (see `moeviz.model.interventions` for what each option means per family).
+    Layers are the model's own numbers, as in `RoutingTrace.layer_ids`:
+
+    ablate:          {layer: [experts]} never selected there
+    force:           {layer: [experts]} put into every token's selection there
+    top_k:           k everywhere, or {layer: k}
+    bias:            {layer: {expert: value}} added to the router logits
+    capacity_factor: α everywhere, or {layer: α}: each expert takes at most ⌊α·k·T/E⌋ tokens
+
+    `.baseline` and `.changed` are RoutingTraces of the same tokens; `.baseline_logprobs` and
+    `.changed_logprobs` the log-probability of each actual next token, float[T − 1]. With
+    `continuation_tokens`, both models also continue the text greedily."""
+    loaded = _as_loaded(model, tokenizer, load_options)
+    intervention = interventions.Intervention(
+        ablate=ablate or {}, force=force or {}, top_k=top_k, bias=bias or {}, capacity_factor=capacity_factor
+    )
+    return interventions.run_intervention(
+        loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id, max_tokens=max_tokens,
+        continuation_tokens=continuation_tokens,
+    )
 
 
 def _as_loaded(model, tokenizer, load_options: dict) -> LoadedModel:

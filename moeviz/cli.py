@@ -4,6 +4,7 @@
     moeviz corpus docs/ -o run/                               a resumable corpus run (Parquet)
     moeviz serve                                              the app, on http://127.0.0.1:8501
     moeviz info                                               what a MoE model is, how it routes
+    moeviz intervene "def f(x):" --ablate 2:5,7               re-run with experts ablated: the effect
 
 Commands import torch only once they need a model (moeviz.analysis.metrics does not), so `--help`,
 argument errors and `serve` answer at once. Errors are one line on stderr, without a traceback.
@@ -15,6 +16,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from moeviz.analysis import metrics
 from moeviz.trace import RoutingTrace
@@ -108,6 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantization auto picks on this machine."
     ))
     _model_option(info)
+
+    intervene = _command(commands, "intervene", intervene_command, "re-run a text with its routing changed", (
+        "Run a text through the model as it routes, then again with experts ablated, forced or steered, "
+        "another k or a capacity per expert, applied inside the forward pass; print how the log-probability "
+        "of each actual next token, the perplexity and the routing of later layers changed. Layers are the "
+        "model's own numbers (see `moeviz info`)."
+    ))
+    intervene.add_argument("text", help="the text to run")
+    intervene.add_argument("--ablate", action="append", type=_layer_experts, default=[], metavar="L:E[,E]",
+                           help="experts E never selected at layer L (repeat for more layers)")
+    intervene.add_argument("--force", action="append", type=_layer_experts, default=[], metavar="L:E[,E]",
+                           help="experts E put into every token's selection at layer L")
+    intervene.add_argument("--top-k", type=_per_layer(int), metavar="K|L:K",
+                           help="experts per token: K at every MoE layer, or L:K at layer L only")
+    intervene.add_argument("--bias", action="append", type=_layer_bias, default=[], metavar="L:E=V[,E=V]",
+                           help="add V to expert E's router logit at layer L (steering)")
+    intervene.add_argument("--capacity-factor", type=_per_layer(float), metavar="A|L:A",
+                           help="each expert takes at most floor(A*k*T/E) tokens: at every MoE layer, or at L")
+    intervene.add_argument("--continue", dest="continuation", type=_positive_int, metavar="N",
+                           help="also let both models continue the text greedily for N tokens")
+    _max_tokens_option(intervene, "cut the text after N tokens")
+    _model_option(intervene)
     return parser
 
 
@@ -192,6 +217,37 @@ def _positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def _layer_experts(value: str) -> tuple[int, list[int]]:
+    """"L:E[,E]" -> (L, [E, ...])."""
+    layer, _, experts = value.partition(":")
+    try:
+        return int(layer), [int(e) for e in experts.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:EXPERT[,EXPERT] such as 2:5,7, got {value!r}") from None
+
+
+def _layer_bias(value: str) -> tuple[int, dict[int, float]]:
+    """"L:E=V[,E=V]" -> (L, {E: V})."""
+    layer, _, pairs = value.partition(":")
+    try:
+        return int(layer), {int(e): float(v) for e, v in (pair.split("=") for pair in pairs.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LAYER:EXPERT=VALUE[,EXPERT=VALUE] such as 2:5=1.5, got {value!r}") from None
+
+
+def _per_layer(kind):
+    """"X" -> X for every layer, "L:X" -> {L: X}."""
+    def parse(value: str):
+        try:
+            if ":" in value:
+                layer, _, number = value.partition(":")
+                return {int(layer): kind(number)}
+            return kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} or LAYER:{kind.__name__}, got {value!r}") from None
+    return parse
 
 
 def _existing(path: Path, what: str) -> Path:
@@ -358,3 +414,59 @@ def info_command(args) -> int:
     width = max(map(len, rows))
     print("\n".join(f"{name + ':':<{width + 1}} {value}" for name, value in rows.items()))
     return 0
+
+
+# -- intervene -------------------------------------------------------------------------------
+
+
+def intervene_command(args) -> int:
+    from moeviz.api import intervene
+
+    changes = {
+        "ablate": _merged(args.ablate, "--ablate"), "force": _merged(args.force, "--force"), "top_k": args.top_k,
+        "bias": _merged(args.bias, "--bias"), "capacity_factor": args.capacity_factor,
+    }
+    if all(value in (None, {}) for value in changes.values()):
+        raise UsageError("say what to change: --ablate, --force, --top-k, --bias or --capacity-factor")
+    result = intervene(_load(args), args.text, **changes, max_tokens=args.max_tokens,
+                       continuation_tokens=args.continuation or 0)
+    print(intervention_summary(result))
+    return 0
+
+
+def _merged(pairs: list, option: str) -> dict:
+    merged = {}
+    for layer, value in pairs:
+        if layer in merged:
+            raise UsageError(f"layer {layer} is given twice to {option}; list its experts once, e.g. {layer}:1,2")
+        merged[layer] = value
+    return merged
+
+
+def intervention_summary(result) -> str:
+    """A plain-text account of an InterventionResult: perplexity before and after, the routing
+    change per MoE layer, the tokens whose log-probability moved most, continuations if any."""
+    from moeviz.analysis import effects
+
+    baseline, changed = result.baseline, result.changed
+    lines = [f"{baseline.model_id} ({baseline.model_type}): {baseline.num_tokens} tokens; "
+             + result.intervention.describe(baseline.encoder_layers)]
+    if baseline.truncated:
+        lines.append(f"The text has {baseline.input_token_count} tokens; only the first {baseline.num_tokens} were run")
+    if baseline.num_tokens >= 2:
+        before, after = effects.perplexity(result.baseline_logprobs), effects.perplexity(result.changed_logprobs)
+        delta = result.changed_logprobs - result.baseline_logprobs
+        lines.append(f"perplexity {before:.3f} -> {after:.3f} ({after / before - 1:+.1%}); "
+                     f"mean log-prob change of the next token {delta.mean():+.4f}")
+    shares = effects.experts_changed(baseline, changed)
+    lines.append("tokens whose experts changed, per MoE layer:")
+    lines += [f"  {baseline.layer_label(n):<8} {share:7.1%}" for n, share in zip(baseline.layer_ids, shares)]
+    if baseline.num_tokens >= 2:
+        lines.append("largest changes in the log-prob of the next token:")
+        for t in np.argsort(-np.abs(delta), kind="stable")[:5]:
+            lines.append(f"  after {baseline.tokens[t]!r:<16} next {baseline.tokens[t + 1]!r:<16} "
+                         f"{result.baseline_logprobs[t]:8.3f} -> {result.changed_logprobs[t]:8.3f} ({delta[t]:+.3f})")
+    if result.baseline_continuation or result.changed_continuation:
+        lines.append(f"continuation before: {result.baseline_continuation!r}")
+        lines.append(f"continuation after:  {result.changed_continuation!r}")
+    return "\n".join(lines)

@@ -401,3 +401,31 @@ def test_eight_sessions_at_once_each_see_their_own_routing(browser, server, mode
     finally:
         for tab in tabs:
             tab.page.close()
+
+
+# -- Intervene ------------------------------------------------------------------------------------
+
+
+def test_intervene_page_shows_the_library_result(tab, model):
+    """Ablate an expert in the browser: the token view's Δ log p, the perplexities and the
+    routing-change bars are those of run_intervention on the same text."""
+    from moeviz.analysis import effects
+    from moeviz.model.interventions import Intervention, run_intervention
+
+    tab.open("intervene")
+    ablate = tab.page.locator(".st-key-intervene_ablate")
+    tab.act(lambda: (ablate.click(), tab.page.get_by_role("option", name="1", exact=True).click()))
+    new_tokens = tab.page.locator(".st-key-intervene_continuation input")
+    tab.act(lambda: (new_tokens.fill("0"), new_tokens.press("Enter")))
+    text = presets()["english"]
+    expected = run_intervention(model.model, model.tokenizer, text, Intervention(ablate={0: [1]}),
+                                model_id=model.model_id)
+    delta = expected.changed_logprobs - expected.baseline_logprobs
+    shown = tab.page.locator(".moeviz-token[data-delta]").evaluate_all("spans => spans.map(s => s.dataset.delta)")
+    np.testing.assert_allclose([float(d) for d in shown], delta, atol=1e-5)
+    metrics_shown = tab.page.locator('[data-testid="stMetricValue"]').all_inner_texts()
+    assert metrics_shown[:2] == [f"{effects.perplexity(expected.baseline_logprobs):.3f}",
+                                 f"{effects.perplexity(expected.changed_logprobs):.3f}"]
+    (bars,) = tab.figures()["intervene_routing"]
+    np.testing.assert_allclose(bars["y"], effects.experts_changed(expected.baseline, expected.changed), atol=1e-9)
+    tab.screenshot("intervene")

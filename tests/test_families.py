@@ -141,7 +141,8 @@ def _layer_label(module_name: str, encoder_decoder: bool) -> str:
 
 def traced_with_experts_inputs(model, tokenizer, text: str = TEXT):
     """moeviz's trace, and what each MoE layer's experts module received in that same forward
-    pass: {layer label: (args, MoE block input)}."""
+    pass: {layer label: (args, MoE block input)}. The first call per layer is kept: when a trace's
+    weights cannot show the scoring, moeviz probes one MoE block again after the forward."""
     encoder_decoder = model.config.is_encoder_decoder
     received, handles = {}, []
 
@@ -149,8 +150,12 @@ def traced_with_experts_inputs(model, tokenizer, text: str = TEXT):
         label = _layer_label(name, encoder_decoder)
         state = {}
         handles.append(block.register_forward_pre_hook(lambda m, args: state.__setitem__("block_in", args[0].clone())))
-        handles.append(experts.register_forward_pre_hook(
-            lambda m, args: received.__setitem__(label, ([a.clone() for a in args], state["block_in"]))))
+
+        def first_call(module, args):
+            if label not in received:
+                received[label] = ([a.clone() for a in args], state["block_in"])
+
+        handles.append(experts.register_forward_pre_hook(first_call))
 
     for name, module in model.named_modules():
         if name.endswith(".experts"):

@@ -430,13 +430,12 @@ def _probe_call(model: nn.Module, site: RouterSite, target: nn.Module, hidden: t
 
     handles = []
     try:
-        # `stop` runs right after the recorder's hook: on the experts, recording_routers
-        # prepends its own in front of this one; on the router, this one comes after it.
-        if site.layout.selection is None:
-            handles.append(site.block.experts.register_forward_pre_hook(stop, prepend=True))
         with recording_routers(model, [site]) as collector, torch.inference_mode():
             recorded = collector
-            if site.layout.selection is not None:
+            # Registered after the recorder's hook, so `stop` runs right after it.
+            if site.layout.selection is None:
+                handles.append(site.block.experts.register_forward_pre_hook(stop))
+            else:
                 handles.append(site.module.register_forward_hook(stop))
             target(hidden)
     except _Recorded:
@@ -473,7 +472,7 @@ def recording_routers(model: nn.Module, sites: list[RouterSite] | None = None) -
                 experts = getattr(site.block, "experts", None)
                 if experts is None:
                     raise _unreadable(model, site, "its MoE block has no `experts` module to read the selection from")
-                handles.append(experts.register_forward_pre_hook(_experts_recorder(model, site, collector), prepend=True))
+                handles.append(experts.register_forward_pre_hook(_experts_recorder(model, site, collector)))
         token = _active_collector.set(collector)
         try:
             yield collector

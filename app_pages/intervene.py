@@ -1,0 +1,114 @@
+"""Intervene: re-run the model with experts ablated, forced or steered at one layer, and see
+what changes in its predictions and in the routing of later layers."""
+
+import numpy as np
+import streamlit as st
+
+from moeviz.analysis import effects
+from moeviz.model.interventions import Intervention, run_intervention
+from moeviz.ui import (
+    ModelChoice,
+    analyse,
+    cached_model,
+    layer_picker,
+    show_figure,
+    text_input,
+)
+from moeviz.views import intervention_charts
+
+
+@st.cache_data(show_spinner="Running the model twice: as it routes, and with the intervention…", max_entries=64)
+def cached_intervention(choice: ModelChoice, text: str, layer: int, ablate: tuple, force: tuple, k: int | None,
+                        bias: tuple[int, float] | None, capacity_factor: float | None, continuation: int):
+    loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
+    intervention = Intervention(
+        ablate={layer: list(ablate)} if ablate else {}, force={layer: list(force)} if force else {},
+        top_k=None if k is None else {layer: k}, bias={layer: {bias[0]: bias[1]}} if bias else {},
+        capacity_factor=None if capacity_factor is None else {layer: capacity_factor},
+    )
+    return run_intervention(loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id,
+                            max_tokens=choice.max_tokens, continuation_tokens=continuation)
+
+
+def chosen_intervention(trace, layer: int) -> dict:
+    """The intervention widgets, as cached_intervention's arguments."""
+    experts = list(range(trace.num_experts))
+    left, right = st.columns(2)
+    ablate = left.multiselect("Ablate: never select", experts, key="intervene_ablate")
+    force = right.multiselect("Force: into every token's selection", experts, key="intervene_force")
+    k_column, bias_column, capacity_column = st.columns(3)
+    k = int(k_column.number_input(f"k at this layer (the model's: {trace.top_k})", 1, trace.num_experts,
+                                  trace.top_k, key=f"intervene_k-{trace.num_experts}"))
+    steered = bias_column.selectbox("Steer expert", experts, key="intervene_bias_expert")
+    bias = bias_column.slider("Bias added to its router logit", -10.0, 10.0, 0.0, 0.5, key="intervene_bias")
+    alpha = capacity_column.slider("Capacity factor α (0: no limit)", 0.0, 3.0, 0.0, 0.05, key="intervene_alpha",
+                                   help="Each expert takes at most ⌊α·k·T/E⌋ tokens, first choices first, in "
+                                   "token order (GShard); the others skip it.")
+    continuation = int(st.number_input("Greedy continuation: new tokens (0: none)", 0, 64, 12,
+                                       key="intervene_continuation"))
+    return {"ablate": tuple(ablate), "force": tuple(force), "k": None if k == trace.top_k else k,
+            "bias": (steered, bias) if bias else None, "capacity_factor": alpha or None,
+            "continuation": continuation}
+
+
+def show_predictions(result) -> None:
+    tokens, before, after = result.baseline.tokens, result.baseline_logprobs, result.changed_logprobs
+    st.subheader("Each token: more or less likely after the intervention")
+    st.caption("Blue: the model finds the actual token more likely, red: less. Hover for log-probabilities.")
+    st.html(intervention_charts.delta_token_view_html(tokens, before, after))
+    show_figure(intervention_charts.logprob_delta_chart(tokens, before, after), "intervene_delta")
+
+    st.subheader("The likeliest next tokens at one position")
+    largest = int(np.argmax(np.abs(after - before)))
+    position = st.select_slider("After the token at position", options=list(range(len(tokens) - 1)), value=largest,
+                                format_func=lambda t: f"{t}: {tokens[t]!r}", key=f"intervene_position-{len(tokens)}")
+    st.caption(f"The actual next token is {tokens[position + 1]!r}; the largest change is at position {largest}.")
+    st.table(intervention_charts.top_predictions_table(
+        (result.baseline_predictions.top_tokens[position], result.baseline_predictions.top_logprobs[position]),
+        (result.changed_predictions.top_tokens[position], result.changed_predictions.top_logprobs[position]),
+    ))
+
+
+st.title("Intervene")
+st.info("This re-runs the model: the intervention acts inside the forward pass, so the predictions and the "
+        "routing of every later layer are recomputed (unlike the Routing lab, which replays policies on scores).")
+choice = st.session_state.get("model_choice")
+if choice is None:
+    st.info("No model is loaded (see the sidebar): interventions re-run the model.")
+else:
+    text = text_input("intervene_text", default_preset="english")
+    trace = analyse(choice, text)
+    if trace is not None:
+        layer = layer_picker(trace, "intervene_layer", "Layer to intervene at")
+        options = chosen_intervention(trace, layer)
+        if not (options["ablate"] or options["force"] or options["bias"] or options["k"] or options["capacity_factor"]):
+            st.info("Pick an intervention above: experts to ablate or force, another k, a bias or a capacity.")
+        else:
+            try:
+                result = cached_intervention(choice, text, layer, **options)
+            except ValueError as error:
+                st.error(str(error))
+                result = None
+            if result is not None:
+                st.subheader(result.intervention.describe(trace.encoder_layers))
+                if trace.num_tokens >= 2:
+                    before = effects.perplexity(result.baseline_logprobs)
+                    after = effects.perplexity(result.changed_logprobs)
+                    cols = st.columns(3)
+                    cols[0].metric("Perplexity before", f"{before:.3f}")
+                    cols[1].metric("Perplexity after", f"{after:.3f}", f"{after - before:+.3f}", delta_color="inverse")
+                    cols[2].metric("Mean Δ log p of the next token",
+                                   f"{(result.changed_logprobs - result.baseline_logprobs).mean():+.4f}")
+                    show_predictions(result)
+                if options["continuation"]:
+                    st.subheader("Greedy continuation")
+                    left, right = st.columns(2)
+                    left.caption("before")
+                    left.code(result.baseline_continuation, language=None)
+                    right.caption("after")
+                    right.code(result.changed_continuation, language=None)
+                st.subheader("Routing downstream")
+                labels = [trace.layer_label(n) for n in trace.layer_ids]
+                show_figure(intervention_charts.experts_changed_chart(
+                    labels, effects.experts_changed(result.baseline, result.changed), [trace.layer_label(layer)],
+                ), "intervene_routing")
