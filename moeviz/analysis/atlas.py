@@ -131,9 +131,10 @@ def entropy_bits(counts: np.ndarray) -> float:
 
 def segment_match_counts(window_counts: np.ndarray, n: int) -> np.ndarray:
     """int[n + 1]: hist[c] = (segment, expert) pairs in which the expert is activated c times,
-    from window_counts int[segments, experts] (activations in each n-token segment). The
+    from window_counts int[experts, segments] (activations in each n-token segment). The
     sufficient statistic of SRP, accumulated over documents."""
-    return np.bincount(window_counts.ravel(), minlength=n + 1)
+    return np.bincount(window_counts.ravel().view(np.uint8) if window_counts.dtype == np.int8
+                       else window_counts.ravel(), minlength=n + 1)
 
 
 def srp(histogram: np.ndarray, n: int) -> float:
@@ -162,10 +163,53 @@ def srp(histogram: np.ndarray, n: int) -> float:
 
 def sch_hits(window_counts: np.ndarray, cache_size: int) -> int:
     """Activations served by each segment's best cache of `cache_size` experts: the sum over
-    segments of its `cache_size` largest expert counts. The numerator of SCH."""
-    if cache_size >= window_counts.shape[1]:
-        return int(window_counts.sum())
-    return int(np.sort(window_counts, axis=1)[:, -cache_size:].sum())
+    segments of its `cache_size` largest expert counts, window_counts int[experts, segments].
+    The numerator of SCH."""
+    experts = window_counts.shape[0]
+    if cache_size >= experts:
+        return int(window_counts.sum(dtype=np.int64))
+    if experts > SORTING_NETWORK_MAX:
+        return int(np.sort(window_counts, axis=0)[-cache_size:].sum(dtype=np.int64))
+    # A sorting network over the expert rows: a few vectorised min/max over all segments at
+    # once, where np.sort would sort each segment's short row on its own (~40x slower).
+    rows = [window_counts[e] for e in range(experts)]
+    rows += [np.zeros_like(rows[0])] * (_next_power_of_two(experts) - experts)  # counts >= 0
+    for i, j in _batcher_pairs(len(rows)):
+        rows[i], rows[j] = np.minimum(rows[i], rows[j]), np.maximum(rows[i], rows[j])
+    return sum(int(row.sum(dtype=np.int64)) for row in rows[-cache_size:])
+
+
+SORTING_NETWORK_MAX = 64
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _batcher_pairs(size: int) -> list[tuple[int, int]]:
+    """Comparators (i, j), i < j, of Batcher's odd-even merge sort of `size` (a power of two)
+    values: applying min to i and max to j in order sorts them ascending (Knuth, TAOCP 3,
+    5.3.4, Algorithm M)."""
+    pairs = []
+
+    def merge(low: int, length: int, stride: int) -> None:
+        step = stride * 2
+        if step < length:
+            merge(low, length, step)
+            merge(low + stride, length, step)
+            pairs.extend((i, i + stride) for i in range(low + stride, low + length - stride, step))
+        else:
+            pairs.append((low, low + stride))
+
+    def sort(low: int, length: int) -> None:
+        if length > 1:
+            half = length // 2
+            sort(low, half)
+            sort(low + half, half)
+            merge(low, length, 1)
+
+    sort(0, size)
+    return pairs
 
 
 def sch(hits: int, segments: int, n: int, k: int) -> float:
@@ -197,7 +241,7 @@ def sch_chance(num_experts: int, k: int, n: int, cache_size: int) -> float:
     picks = rng.random((samples, n, num_experts)).argpartition(k, axis=-1)[..., :k]
     counts = np.zeros((samples, num_experts), dtype=np.int64)
     np.add.at(counts, (np.arange(samples)[:, None, None], picks), 1)
-    return sch(sch_hits(counts, cache_size), samples, n, k)
+    return sch(sch_hits(counts.T, cache_size), samples, n, k)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -616,22 +660,27 @@ def _trace_segments(trace: RoutingTrace, counted: np.ndarray, phase: str):
 
 def _run_segments(path: Path, manifest: RunManifest, excluded: list[int]):
     """The topk_ids int[layers, tokens, k] of one part file (its documents end to end) and their
-    stretches. Rows are sorted by (document, position) per layer, so a part written in another
-    order still reads right."""
+    stretches. A part as `moeviz corpus` writes it (token by token, each token's layers in
+    order) is only reshaped; rows in another order are sorted first."""
     table = pq.read_table(path, columns=["doc_id", "position", "token_id", "layer", "topk_ids"])
     layers, k = len(manifest.layer_ids), manifest.top_k
+    tokens = table.num_rows // layers
+    if tokens * layers != table.num_rows:
+        raise RunError(f"{path} does not hold every MoE layer of every token: was it edited?")
     doc = pc.dictionary_encode(table["doc_id"]).combine_chunks().indices.to_numpy()
     position = table["position"].to_numpy()
     layer = np.searchsorted(manifest.layer_ids, table["layer"].to_numpy())
-    order = np.lexsort((position, doc, layer))
-    ids = table["topk_ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)[order]
-    tokens = len(order) // layers
-    if tokens * layers != len(order):
-        raise RunError(f"{path} does not hold every MoE layer of every token: was it edited?")
-    doc, position = doc[order][:tokens], position[order][:tokens]
-    token_id = table["token_id"].to_numpy()[order][:tokens]
+    ids = table["topk_ids"].combine_chunks().flatten().to_numpy().reshape(-1, k)
+    token_id = table["token_id"].to_numpy()
+    if np.array_equal(layer, np.tile(np.arange(layers), tokens)):
+        ids = ids.reshape(tokens, layers, k).transpose(1, 0, 2)
+        doc, position, token_id = doc[::layers], position[::layers], token_id[::layers]
+    else:
+        order = np.lexsort((position, doc, layer))
+        ids = ids[order].reshape(layers, tokens, k)
+        doc, position, token_id = (a[order][:tokens] for a in (doc, position, token_id))
     breaks = np.r_[True, (doc[1:] != doc[:-1]) | (position[1:] != position[:-1] + 1)]
-    return ids.reshape(layers, tokens, k), stretches(~np.isin(token_id, excluded), breaks)
+    return ids, stretches(~np.isin(token_id, excluded), breaks)
 
 
 def _segments(batches: Iterator, experts: int, k: int, layers: int, cache_size: int) -> SegmentConsistency:
@@ -641,12 +690,12 @@ def _segments(batches: Iterator, experts: int, k: int, layers: int, cache_size: 
     segments = np.zeros((layers, len(lengths)), dtype=np.int64)
     for topk_ids, stretch in batches:
         for position in range(layers):
-            cumulative = _cumulative_activations(topk_ids[position], experts)
-            for j, n in enumerate(lengths):
-                windows = _window_counts(cumulative, stretch, n)
-                histograms[position][j] += segment_match_counts(windows, n)
-                hits[position, j] += sch_hits(windows, cache_size)
-                segments[position, j] += len(windows)
+            windows = _all_window_counts(topk_ids[position], stretch, experts)
+            for j, (n, (every, outside)) in enumerate(zip(lengths, windows)):
+                # All windows, less the few that cross a stretch's end: cheaper than selecting.
+                histograms[position][j] += segment_match_counts(every, n) - segment_match_counts(outside, n)
+                hits[position, j] += sch_hits(every, cache_size) - sch_hits(outside, cache_size)
+                segments[position, j] += every.shape[1] - outside.shape[1]
     srp_values = np.array([[srp(histograms[i][j], n) for j, n in enumerate(lengths)] for i in range(layers)])
     sch_values = np.array([[sch(hits[i, j], segments[i, j], n, k) for j, n in enumerate(lengths)]
                            for i in range(layers)])
@@ -658,27 +707,34 @@ def _segments(batches: Iterator, experts: int, k: int, layers: int, cache_size: 
     )
 
 
-def _cumulative_activations(topk_ids: np.ndarray, experts: int) -> np.ndarray:
-    """int32[tokens + 1, experts]: activations of each expert among the first t tokens."""
-    tokens = topk_ids.shape[0]
-    cumulative = np.zeros((tokens + 1, experts), dtype=np.int32)
-    cumulative[np.arange(1, tokens + 1)[:, None], topk_ids] = 1  # a token's k ids are distinct
-    return np.cumsum(cumulative, axis=0, out=cumulative)
-
-
 def window_counts(topk_ids: np.ndarray, stretch: np.ndarray, n: int, experts: int) -> np.ndarray:
-    """int[segments, experts]: activations of each expert in every n-token segment (all starts,
-    stride 1, as moe-lrc slides them) that lies inside one stretch. topk_ids int[tokens, k]."""
-    return _window_counts(_cumulative_activations(topk_ids, experts), stretch, n)
+    """int8[experts, segments]: activations of each expert in every n-token segment (all
+    starts, stride 1, as moe-lrc slides them) that lies inside one stretch; n a power of 2
+    up to 64. topk_ids int[tokens, k]."""
+    every, outside = dict(zip(SEGMENT_LENGTHS, _all_window_counts(topk_ids, stretch, experts)))[n]
+    inside = np.ones(every.shape[1], dtype=bool)
+    inside[_crossing(stretch, n, every.shape[1])] = False
+    return every[:, inside]
 
 
-def _window_counts(cumulative: np.ndarray, stretch: np.ndarray, n: int) -> np.ndarray:
+def _crossing(stretch: np.ndarray, n: int, starts: int) -> np.ndarray:
+    """Starts of the n-token windows that leave their stretch (or hold uncounted tokens)."""
+    return np.flatnonzero((stretch[:starts] < 0) | (stretch[:starts] != stretch[n - 1:n - 1 + starts]))
+
+
+def _all_window_counts(topk_ids: np.ndarray, stretch: np.ndarray, experts: int) -> Iterator[tuple]:
+    """(every window's counts, the counts of windows crossing a stretch's end) for each of
+    SEGMENT_LENGTHS, by doubling as moe-lrc does (`mask = mask[:-n] + mask[n:]`): each length
+    is two windows of half its length."""
     tokens = len(stretch)
-    if tokens < n:
-        return np.zeros((0, cumulative.shape[1]), dtype=np.int32)
-    inside = (stretch[: tokens - n + 1] >= 0) & (stretch[: tokens - n + 1] == stretch[n - 1:])
-    starts = np.flatnonzero(inside)
-    return cumulative[starts + n] - cumulative[starts]
+    counts = np.zeros((experts, tokens), dtype=np.int8)  # expert-major; n <= 64 fits in int8
+    counts[topk_ids.T, np.arange(tokens)] = 1  # a token's k ids are distinct
+    n = 1
+    while n < SEGMENT_LENGTHS[-1]:
+        counts = counts[:, :-n] + counts[:, n:] if counts.shape[1] > n else counts[:, :0]
+        n *= 2
+        if n in SEGMENT_LENGTHS:
+            yield counts, counts[:, _crossing(stretch, n, counts.shape[1])]
 
 
 # -- the command line's JSON ------------------------------------------------------------------
