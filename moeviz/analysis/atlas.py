@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -344,7 +344,6 @@ class Atlas:
     segments: SegmentConsistency
     excluded_tokens: int = 0  # tokens left out (special tokens, other phase)
     has_generated: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def layer(self, layer_id: int) -> LayerAtlas:
         for layer in self.layers:
@@ -440,8 +439,7 @@ def run_atlas(run_dir: str | Path, *, excluded_token_ids: frozenset[int] = froze
 
 
 def _connection() -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "threads": 2, "preserve_insertion_order": False})
-    return con
+    return duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "threads": 2, "preserve_insertion_order": False})
 
 
 def _sql_text(value: str) -> str:
@@ -711,7 +709,7 @@ def window_counts(topk_ids: np.ndarray, stretch: np.ndarray, n: int, experts: in
     """int8[experts, segments]: activations of each expert in every n-token segment (all
     starts, stride 1, as moe-lrc slides them) that lies inside one stretch; n a power of 2
     up to 64. topk_ids int[tokens, k]."""
-    every, outside = dict(zip(SEGMENT_LENGTHS, _all_window_counts(topk_ids, stretch, experts)))[n]
+    every, _ = dict(zip(SEGMENT_LENGTHS, _all_window_counts(topk_ids, stretch, experts)))[n]
     inside = np.ones(every.shape[1], dtype=bool)
     inside[_crossing(stretch, n, every.shape[1])] = False
     return every[:, inside]
