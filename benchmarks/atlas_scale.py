@@ -8,7 +8,8 @@ vocabulary, 8 domains, 512-token documents, 64 documents a part. Routing depends
 id, the domain and the previous token's choice, so that experts specialise and segments repeat.
 
 Each method runs in its own subprocess (`--method`), which reports its wall time and its peak
-resident memory (getrusage ru_maxrss of that process alone); both methods' load counts and top
+resident memory (getrusage ru_maxrss of that process alone) and CPU seconds (user + system,
+which a busy shared machine inflates less than wall time); both methods' load counts and top
 tokens are checked to agree.
 
     .venv/bin/python benchmarks/atlas_scale.py [--rows 10000000] [--run /tmp/atlas-bench-run]
@@ -129,8 +130,9 @@ def measure(method: str, run: Path) -> None:
     start = time.perf_counter()
     result = METHODS[method](run)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak, "result": result}))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+                      "peak_bytes": usage.ru_maxrss * 1024, "result": result}))
 
 
 def main() -> None:
@@ -156,7 +158,9 @@ def main() -> None:
             print(f"{method}: failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
             continue
         results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{method:12s} {results[method]['seconds']:7.1f} s   peak RSS {results[method]['peak_bytes'] / 2**30:5.2f} GiB")
+        result = results[method]
+        print(f"{method:12s} {result['seconds']:7.1f} s wall, {result['cpu_seconds']:7.1f} s CPU (whole process), "
+              f"peak RSS {result['peak_bytes'] / 2**30:5.2f} GiB")
     if len(results) == 2:
         ours, theirs = results["out-of-core"], results["pandas"]
         agree = ours["result"]["counts"] == theirs["result"]["counts"] and ours["result"]["top"] == theirs["result"]["top"]
