@@ -1,14 +1,13 @@
-"""The Experts page under AppTest and in a real browser: the values it shows are the atlas the
-library computes for the domain samples on the default model."""
+"""The Experts page under AppTest: the values it shows are the atlas the library computes for the
+domain samples on the default model (its browser test is in test_e2e_browser.py, which owns the
+one Playwright session)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
-from browser import ARTIFACTS, AppFailed, AppPage, chromium, running_app
 from streamlit.testing.v1 import AppTest
 
 from moeviz.analysis import atlas as atlases
@@ -19,14 +18,17 @@ from moeviz.ui import default_model_source, presets
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
-@pytest.fixture(scope="module")
-def expected() -> atlases.Atlas:
+def samples_atlas(loaded) -> atlases.Atlas:
     """The atlas of the domain samples, special tokens of the default model left out."""
-    loaded = load_model(default_model_source())
     traces = {domain: trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id,
                                  max_tokens=DEFAULT_MAX_TOKENS) for domain, text in presets().items()}
     special = atlases.special_token_ids(default_model_source())
     return atlases.trace_atlas(traces, counted={d: atlases.counted_mask(t, special) for d, t in traces.items()})
+
+
+@pytest.fixture(scope="module")
+def expected() -> atlases.Atlas:
+    return samples_atlas(load_model(default_model_source()))
 
 
 def test_experts_page_shows_the_atlas_of_the_domain_samples(expected):
@@ -52,30 +54,3 @@ def test_experts_page_shows_the_atlas_of_the_domain_samples(expected):
     assert not app.exception
     assert app.subheader[-2].value == f"Expert 3 · {last.label}"
     assert app.metric[0].value == f"{last.experts[3].load_share:.1%}"
-
-
-@pytest.mark.e2e
-def test_experts_page_in_the_browser(expected, tmp_path):
-    try:
-        with running_app(ARTIFACTS / "server-experts.log") as url, chromium(tmp_path / "profile") as browser:
-            tab = AppPage(browser.new_page(), url)
-            tab.open("experts")
-            figures = tab.figures()
-            card = expected.layers[0].experts[0]
-            (bars, _) = figures["experts_top_tokens"]
-            np.testing.assert_allclose(bars["x"], [t.share for t in card.top_tokens], atol=1e-12)
-            srp = figures["experts_srp"]
-            for line, values in zip(srp, expected.segments.srp):
-                np.testing.assert_allclose(np.array(line["y"], dtype=float), values, atol=1e-12)
-            np.testing.assert_allclose(np.array(srp[-1]["y"], dtype=float), expected.segments.srp_chance)
-            shown = tab.page.locator(".moeviz-context mark").all_inner_texts()
-            assert shown == [c.tokens[c.focus].replace("\n", "↵") for c in card.contexts]
-            with tab.page.expect_download() as download:
-                tab.page.locator(".st-key-experts_sch_csv button").click()
-            table = pd.read_csv(download.value.path())
-            chance = table[table.trace == "chance"]
-            np.testing.assert_allclose(chance.y, expected.segments.sch_chance)
-            tab.screenshot("experts")
-            tab.assert_inert()
-    except AppFailed as error:
-        pytest.fail(str(error))
