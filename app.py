@@ -13,6 +13,7 @@ st.set_page_config(page_title="moeviz", page_icon="🔀", layout="wide")
 pages = st.navigation({
     "Analyse": [
         st.Page("app_pages/analyse.py", title="Analyse text", default=True),
+        st.Page("app_pages/experts.py", title="Experts"),
     ],
     "Compare": [
         st.Page("app_pages/compare_layers.py", title="Compare layers"),

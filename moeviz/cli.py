@@ -128,11 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     intervene.add_argument("--bias", action="append", type=_layer_bias, default=[], metavar="L:E=V[,E=V]",
                            help="add V to expert E's router logit at layer L (steering)")
     intervene.add_argument("--capacity-factor", type=_per_layer(float), metavar="A|L:A",
-                           help="each expert takes at most floor(A*k*T/E) tokens: at every MoE layer, or at L")
+                           help="each expert takes at most max(ceil(A*k*T/E), 4) tokens: at every MoE layer, or at L")
     intervene.add_argument("--continue", dest="continuation", type=_positive_int, metavar="N",
                            help="also let both models continue the text greedily for N tokens")
     _max_tokens_option(intervene, "cut the text after N tokens")
     _model_option(intervene)
+
+    atlas = _command(commands, "atlas", atlas_command, "what each expert does, over a run or trace files", (
+        "Per MoE layer: MaxVio, coefficient of variation, Jain's index and dead experts; per expert: its "
+        "share of the layer's top-k assignments, its top tokens (with the share of each token id's "
+        "occurrences routed to it, OLMoE Eq. 8) and its share of each domain (Eq. 7). A corpus run is "
+        "read out of core. The special tokens of --model's tokenizer are left out."
+    ))
+    atlas.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                       help="a corpus run folder (from `moeviz corpus`), or trace files (.safetensors); "
+                            "a trace file's domain is its file name")
+    atlas.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    atlas.add_argument("--top", type=_positive_int, default=10, metavar="N",
+                       help="top tokens per expert (default: %(default)s)")
+    atlas.add_argument("--phase", choices=("all", "prefill", "generated"), default="all",
+                       help="for traces with generated tokens: count only the prompt or only the generation")
+    _model_option(atlas)
     return parser
 
 
@@ -469,4 +485,47 @@ def intervention_summary(result) -> str:
     if result.baseline_continuation or result.changed_continuation:
         lines.append(f"continuation before: {result.baseline_continuation!r}")
         lines.append(f"continuation after:  {result.changed_continuation!r}")
+
+# -- atlas -----------------------------------------------------------------------------------
+
+
+def atlas_command(args) -> int:
+    import json
+
+    from moeviz.analysis.atlas import atlas_json, counted_mask, run_atlas, special_token_ids, trace_atlas
+
+    for path in args.inputs:
+        _existing(path, "run folder or trace file")
+    folders = [path for path in args.inputs if path.is_dir()]
+    if folders and len(args.inputs) > 1:
+        raise UsageError("give one corpus run folder, or trace files, not both")
+    special = special_token_ids(args.model or os.environ.get("MOEVIZ_MODEL") or REPO / "assets" / "model")
+    if folders:
+        if args.phase != "all":
+            raise UsageError("--phase applies to trace files; a corpus run holds no generated tokens")
+        atlas = run_atlas(folders[0], excluded_token_ids=special, top=args.top, contexts=0)
+    else:
+        if len({path.name for path in args.inputs}) < len(args.inputs):
+            raise UsageError("two trace files have the same file name; rename one")
+        traces = {path.name: RoutingTrace.load(path) for path in args.inputs}
+        atlas = trace_atlas(traces, {name: Path(name).stem for name in traces}, top=args.top, contexts=0,
+                            counted={name: counted_mask(trace, special) for name, trace in traces.items()},
+                            phase=args.phase)
+    if args.json:
+        print(json.dumps(atlas_json(atlas, args.top), ensure_ascii=False))
+    else:
+        print(atlas_table(atlas))
+    return 0
+
+
+def atlas_table(atlas) -> str:
+    """One row per MoE layer: balance figures and the busiest expert's top tokens."""
+    lines = [f"{atlas.model_id}: {sum(atlas.domains.values())} tokens counted in {len(atlas.domains)} domains, "
+             f"{atlas.num_experts} experts, top-{atlas.top_k}"]
+    for layer in atlas.layers:
+        busiest = max(layer.experts, key=lambda card: card.count)
+        tokens = " ".join(repr(t.token) for t in busiest.top_tokens[:5])
+        lines.append(f"{layer.label}: MaxVio {layer.maxvio:.3f}  CV {layer.cv:.3f}  Jain {layer.jain:.3f}  "
+                     f"dead {layer.dead_experts or '-'}  busiest expert {busiest.expert} "
+                     f"({busiest.load_share:.1%}): {tokens}")
     return "\n".join(lines)

@@ -215,6 +215,28 @@ def test_every_page_opens_and_draws(tab):
         tab.screenshot(f"page-{number}-{re.sub(r'[^a-z0-9]+', '-', title.lower()).strip('-')}")
 
 
+def test_experts_page_shows_the_atlas_of_the_domain_samples(tab, model):
+    from test_experts_page import samples_atlas
+
+    expected = samples_atlas(model)
+    tab.open("experts")
+    figures = tab.figures()
+    card = expected.layers[0].experts[0]
+    bars, _ = figures["experts_top_tokens"]
+    np.testing.assert_allclose(bars["x"], [t.share for t in card.top_tokens], atol=1e-12)
+    srp = figures["experts_srp"]
+    for line, values in zip(srp, expected.segments.srp):
+        np.testing.assert_allclose(np.array(line["y"], dtype=float), values, atol=1e-12)
+    np.testing.assert_allclose(np.array(srp[-1]["y"], dtype=float), expected.segments.srp_chance)
+    shown = tab.page.locator(".moeviz-context mark").all_inner_texts()
+    assert shown == [c.tokens[c.focus].replace("\n", "↵") for c in card.contexts]
+    with tab.page.expect_download() as download:  # the SCH chart's data as a CSV file
+        tab.page.locator(".st-key-experts_sch_csv button").click()
+    table = pd.read_csv(download.value.path())
+    np.testing.assert_allclose(table[table.trace == "chance"].y, expected.segments.sch_chance)
+    tab.screenshot("experts")
+
+
 # -- hostile input, one session through all of it ------------------------------------------------
 
 
