@@ -58,6 +58,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from moeviz.model.capture import NoRoutersError, find_routers
+from moeviz.model.nf4_experts import parametrize_nf4, prepare_nf4_model
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, kind: str | None, 
         module.quant_state = state
     else:
         setattr(module, attr, nn.Parameter(packed, requires_grad=False))
-        bnb.nn.parametrize.replace_parameter_4bit_prequantized(module, attr, state.as_dict(packed=True), packed.device)
+        parametrize_nf4(module, attr, state)
 
 
 def _quantize_nf4(tensor: torch.Tensor, double_quant: bool):
@@ -256,12 +257,13 @@ def quantize_model(model: PreTrainedModel, *, double_quant: bool = True) -> PreT
     streaming (each weight keeps its dtype as compute dtype). This needs the 16-bit model in
     memory first; for big models use `load_nf4`."""
     plan = quantization_plan(model)
-    device = next(model.parameters()).device
-    _bitsandbytes(device)
+    for device in {model.get_parameter(name).device for name in plan}:
+        _bitsandbytes(device)
     for name, kind in plan.items():
-        tensor = model.get_parameter(name).data
-        _place(model, name, tensor, kind, device=device, dtype=tensor.dtype, double_quant=double_quant)
+        tensor = model.get_parameter(name).data  # each weight stays where it is (device_map="auto" spreads them)
+        _place(model, name, tensor, kind, device=tensor.device, dtype=tensor.dtype, double_quant=double_quant)
     _tie(model)
+    prepare_nf4_model(model)
     return model
 
 
@@ -318,6 +320,7 @@ def load_nf4(
         _return_freed_memory()
     _tie(model)
     _finish(model, device)
+    prepare_nf4_model(model)
     return model.eval()
 
 
