@@ -45,13 +45,18 @@ def _bnb():
 
 @cache
 def nf4_parametrization() -> type:
-    """bitsandbytes' `Bnb4bitParametrization`, whose quantization state follows the packed
-    weights when the model moves (`model.to("cuda")`): bitsandbytes keeps it as a plain
+    """bitsandbytes' `Bnb4bitParametrization`, dequantizing through a flat view of the tensor
+    (see `dequantize_whole`), and whose quantization state follows the packed weights when the
+    model moves (`model.to("cuda")`): bitsandbytes keeps it as a plain
     attribute, which `Module.to` leaves behind. A dtype change is refused: the dtype the
     weights are dequantized in was fixed when they were quantized. (A class made on first use:
     bitsandbytes is imported only when 4-bit is asked for.)"""
 
     class NF4Parametrization(_bnb().nn.parametrize.Bnb4bitParametrization):
+        @torch.no_grad()
+        def forward(self, packed: torch.Tensor) -> torch.Tensor:
+            return dequantize_whole(packed, self.quant_state)
+
         def _apply(self, fn, recurse=True):
             state = self.quant_state
             probe = fn(torch.empty(0, dtype=state.dtype, device=state.absmax.device))
@@ -128,6 +133,15 @@ def dequantize_experts(packed: torch.Tensor, state, experts: list[int]) -> torch
         start = expert * per_expert
         out[slot].view(-1).copy_(_dequantize_range(packed, state, start, start + per_expert))
     return out
+
+
+def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
+    """A whole 4-bit tensor, dequantized as the flat run of weights it was quantized as.
+
+    Not `bitsandbytes.functional.dequantize_4bit(packed, state)`: in bitsandbytes 0.50.2 its CPU
+    kernel gets the blocks wrong when the last dimension is an odd multiple of 32 (32, 96, ...:
+    errors 2-4x NF4's; tests/test_nf4_runtime.py), and blocks are runs of the flat tensor anyway."""
+    return _dequantize_range(packed, state, 0, math.prod(state.shape)).view(state.shape)
 
 
 def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> torch.Tensor:
