@@ -258,3 +258,15 @@ def test_casting_a_4bit_model_to_another_dtype_is_refused_clearly():
     model = nf4(MixtralForCausalLM, tiny_mixtral_config())
     with pytest.raises(TypeError, match=r"stored in 4-bit and dequantize to torch.float32; it cannot be cast to torch.float16"):
         model.to(torch.float16)
+
+
+def test_a_4bit_tensor_placed_by_accelerate_takes_its_quantization_state_along():
+    """accelerate places models tensor by tensor (`set_module_tensor_to_device`, as its
+    dispatch hooks do) and never sees the state: the next dequantization brings it over."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    experts = nf4(MixtralForCausalLM, tiny_mixtral_config()).model.layers[0].mlp.experts
+    set_module_tensor_to_device(experts.parametrizations.gate_up_proj, "original", "meta")
+    assert experts.gate_up_proj.device.type == "meta"
+    state = experts.parametrizations.gate_up_proj[0].quant_state
+    assert {t.device.type for t in (state.absmax, state.code, state.offset, state.state2.absmax)} == {"meta"}

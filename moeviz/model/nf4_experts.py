@@ -146,6 +146,8 @@ def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
 
 def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> torch.Tensor:
     """Weights [start, stop) of a flattened 4-bit tensor, float in the state's dtype."""
+    if state.absmax.device != packed.device:  # placed by accelerate, which moves tensors, not their state
+        state.to(packed.device)
     functional = _bnb().functional
     block = state.blocksize
     total = math.prod(state.shape)

@@ -439,7 +439,9 @@ def _check_fits(model: nn.Module, plan: dict[str, str], device: torch.device, dt
     if need > free:
         raise QuantizationError(
             f"In 4-bit this model needs about {need / 2**30:.1f} GiB on {device} (the 4-bit weights plus "
-            f"two layers in {dtype} while loading), but only {free / 2**30:.1f} GiB are free."
+            f"two layers in {dtype} while loading), but only {free / 2**30:.1f} GiB are free. moeviz's 4-bit "
+            "loader puts the whole model on one GPU; it does not spill layers to the CPU as device_map='auto' "
+            "does for 16-bit models. Free GPU memory, use a larger GPU, or load the model without 4-bit."
         )
 
 
