@@ -33,6 +33,13 @@ def nf4(model_class, config, *, dtype=torch.float32, double_quant=True):
     return quantize.quantize_model(_random_model(model_class, config).to(dtype), double_quant=double_quant)
 
 
+def run_whole_layers(model) -> None:
+    """Switch a 4-bit model back to dequantizing whole tensors: transformers' grouped_mm on the
+    experts, nn.Embedding's own forward on the embedding."""
+    model.set_experts_implementation("grouped_mm")
+    del model.get_input_embeddings().forward
+
+
 @pytest.fixture(scope="module")
 def bundled_nf4():
     return quantize.load_nf4(BUNDLED_MODEL, dtype=torch.float32)
@@ -62,7 +69,7 @@ def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_
     packed, state = quantize._quantize_nf4(weights, double_quant)
     whole = flat_reference(packed, state)
     picked = [shape[0] - 1, 0, 1]
-    assert torch.equal(nf4_experts.dequantize_experts(packed, state, picked), whole[picked])
+    assert torch.equal(nf4_experts.dequantize_rows(packed, state, torch.tensor(picked)), whole[picked])
     assert torch.equal(nf4_experts.dequantize_whole(packed, state), whole)
 
 
@@ -79,19 +86,23 @@ def test_4bit_tensors_whose_last_dimension_is_an_odd_multiple_of_32_dequantize_r
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "mixtral_64_wide"])
 def test_hit_experts_forward_equals_dequantizing_the_whole_layer(family, dtype):
-    """The hit experts, stacked and renumbered, go through transformers' own grouped_mm forward:
-    the logits are bitwise those of the same 4-bit model run on whole dequantized layers
-    (transformers' default path), for one token, a few, and many."""
+    """The hit experts, stacked and renumbered, go through transformers' own grouped_mm forward,
+    and the embedding looks up its dequantized rows: the logits are bitwise those of the same
+    4-bit model run on whole dequantized tensors (transformers' default path), for one token, a
+    few, and many. 32 wide, rows share blocks; 64 wide, they are gathered in one call."""
     model_class, config = {"mixtral": (MixtralForCausalLM, tiny_mixtral_config()),
-                           "qwen2_moe": (Qwen2MoeForCausalLM, tiny_qwen2_moe_config())}[family]
+                           "qwen2_moe": (Qwen2MoeForCausalLM, tiny_qwen2_moe_config()),
+                           "mixtral_64_wide": (MixtralForCausalLM, tiny_mixtral_config())}[family]
+    if family == "mixtral_64_wide":
+        config.hidden_size, config.intermediate_size = 64, 64
     model = nf4(model_class, config, dtype=dtype)
     assert nf4_experts.uses_hit_experts(model)
     ids = torch.randint(0, 400, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         hit = [model(ids[:1, :n]).logits for n in (1, 3, 40)] + [model(ids).logits]
-        model.set_experts_implementation("grouped_mm")
+        run_whole_layers(model)
         whole = [model(ids[:1, :n]).logits for n in (1, 3, 40)] + [model(ids).logits]
     for a, b in zip(hit, whole):
         assert torch.equal(a, b)
@@ -100,7 +111,7 @@ def test_hit_experts_forward_equals_dequantizing_the_whole_layer(family, dtype):
 def test_4bit_generation_equals_the_whole_layer_path(tokenizer):
     model = nf4(MixtralForCausalLM, tiny_mixtral_config())
     hit = trace_generation(model, tokenizer, "The quick brown fox", Sampling(max_new_tokens=8))
-    model.set_experts_implementation("grouped_mm")
+    run_whole_layers(model)
     whole = trace_generation(model, tokenizer, "The quick brown fox", Sampling(max_new_tokens=8))
     assert hit.token_ids == whole.token_ids
     np.testing.assert_array_equal(hit.topk_ids, whole.topk_ids)
@@ -134,14 +145,16 @@ class DequantizedBytes:
 def test_a_decoded_token_dequantizes_only_the_k_experts_it_uses(monkeypatch, bundled_nf4):
     """Bundled model: 5 MoE layers, top-2 of 8 experts, each expert 3 x 256 x 192 weights in
     float32. One decoded token: 5 x 2 experts' bytes, a quarter of the 5 x 8 that the whole-layer
-    path dequantizes."""
+    path dequantizes; outside the experts, one embedding row and the tied lm_head (8,192 x 192),
+    which needs the whole table."""
     counted = DequantizedBytes(monkeypatch, bundled_nf4)
     expert_bytes = 3 * 256 * 192 * 4
     with torch.inference_mode():
         out = bundled_nf4(torch.tensor([[5, 17, 300]]), use_cache=True)
-        counted.experts = 0
+        counted.experts = counted.other = 0
         bundled_nf4(torch.tensor([[42]]), cache=out.cache, use_cache=True)
     assert counted.experts == 5 * 2 * expert_bytes
+    assert counted.other == (1 + 8192) * 192 * 4
 
 
 # -- concurrent sessions -----------------------------------------------------------------------
@@ -153,7 +166,7 @@ class LiveExpertTensors:
     def __init__(self, monkeypatch):
         self.alive = self.peak = 0
         self._lock = threading.Lock()
-        for owner, name in ((bnb.functional, "dequantize_4bit"), (nf4_experts, "dequantize_experts")):
+        for owner, name in ((bnb.functional, "dequantize_4bit"), (nf4_experts, "dequantize_rows")):
             monkeypatch.setattr(owner, name, self._tracking(getattr(owner, name)))
 
     def _tracking(self, real):

@@ -90,19 +90,18 @@ def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
     hidden_states: [tokens, hidden]; top_k_index, top_k_weights: [tokens, k]. The hit experts'
     weights are stacked as a layer of `len(hit)` experts and the ids renumbered into it, so
     transformers' grouped_mm forward computes exactly what it computes on the whole layer.
-    On a GPU, reading which experts were hit costs one device->host synchronisation per layer.
+    On a GPU, finding which experts were hit (`torch.unique`) costs one synchronisation per layer.
     """
     hit = torch.unique(top_k_index)
     renumber = torch.zeros(self.num_experts, dtype=top_k_index.dtype, device=top_k_index.device)
     renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=hit.device)
-    hit_ids = hit.tolist()
     weights = {}
     for name, plist in self.parametrizations.items():
-        weights[name] = dequantize_experts(plist.original, plist[0].quant_state, hit_ids)
+        weights[name] = dequantize_rows(plist.original, plist[0].quant_state, hit)
     for name, param in self.named_parameters(recurse=False):  # biases [experts, ...]; routers are elsewhere
         if param.shape[:1] == (self.num_experts,):
             weights[name] = param[hit]
-    return grouped_mm_experts_forward(_HitExperts(self, weights, len(hit_ids)), hidden_states, renumber[top_k_index],
+    return grouped_mm_experts_forward(_HitExperts(self, weights, hit.numel()), hidden_states, renumber[top_k_index],
                                       top_k_weights)
 
 
@@ -119,20 +118,27 @@ class _HitExperts:
         return getattr(self._experts, name)
 
 
-def dequantize_experts(packed: torch.Tensor, state, experts: list[int]) -> torch.Tensor:
-    """Experts `experts` of a fused 4-bit tensor [E, ...], dequantized: [len(experts), ...] in
-    the state's dtype, bitwise equal to the same rows of the whole tensor dequantized.
+def dequantize_rows(packed: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (int64 [n]) along the first dimension of a 4-bit tensor [R, ...] (experts of a
+    fused tensor, rows of an embedding), dequantized: [n, ...] in the state's dtype, bitwise equal
+    to the same rows of the whole tensor dequantized.
 
-    Each expert is a contiguous run of the flattened tensor; NF4 blocks (64 weights, one absmax
-    each, the absmax itself 8-bit in blocks of 256 with double quantization) are read from the
-    first block that touches the expert to the last. When an expert's size is a multiple of 64
-    (Mixtral-8x7B: 2 x 14,336 x 4,096) that is exactly its weights."""
-    per_expert = math.prod(state.shape[1:])
-    out = torch.empty((len(experts), *state.shape[1:]), dtype=state.dtype, device=packed.device)
-    for slot, expert in enumerate(experts):
-        start = expert * per_expert
-        out[slot].view(-1).copy_(_dequantize_range(packed, state, start, start + per_expert))
-    return out
+    A row is a contiguous run of the flat tensor. When its size is a multiple of the 64-weight
+    block (Mixtral-8x7B's experts: 2 x 14,336 x 4,096; embeddings 64k wide) the rows' packed
+    bytes and absmax (8-bit itself, in runs of 256, with double quantization) are gathered and
+    dequantized in one call; otherwise each row is read from the blocks that touch it."""
+    _follow(packed, state)
+    per_row = math.prod(state.shape[1:])
+    if per_row % state.blocksize:
+        runs = [_dequantize_range(packed, state, r * per_row, (r + 1) * per_row) for r in rows.tolist()]
+        return torch.stack(runs).view(len(runs), *state.shape[1:])
+    functional = _bnb().functional
+    blocks = per_row // state.blocksize
+    block_ids = (rows[:, None] * blocks + torch.arange(blocks, device=rows.device)).reshape(-1)
+    picked = packed.view(-1, per_row // 2).index_select(0, rows)
+    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(rows.numel() * per_row,), dtype=state.dtype,
+                                 blocksize=state.blocksize, code=state.code, quant_type=state.quant_type)
+    return functional.dequantize_4bit(picked.view(-1, 1), part).view(rows.numel(), *state.shape[1:])
 
 
 def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
@@ -141,35 +147,48 @@ def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
     Not `bitsandbytes.functional.dequantize_4bit(packed, state)`: in bitsandbytes 0.50.2 its CPU
     kernel gets the blocks wrong when the last dimension is an odd multiple of 32 (32, 96, ...:
     errors 2-4x NF4's; tests/test_nf4_runtime.py), and blocks are runs of the flat tensor anyway."""
+    _follow(packed, state)
     return _dequantize_range(packed, state, 0, math.prod(state.shape)).view(state.shape)
+
+
+def _follow(packed: torch.Tensor, state) -> None:
+    """Bring the state to the packed weights' device: accelerate places tensors, not their state."""
+    if state.absmax.device != packed.device:
+        state.to(packed.device)
 
 
 def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> torch.Tensor:
     """Weights [start, stop) of a flattened 4-bit tensor, float in the state's dtype."""
-    if state.absmax.device != packed.device:  # placed by accelerate, which moves tensors, not their state
-        state.to(packed.device)
     functional = _bnb().functional
     block = state.blocksize
-    total = math.prod(state.shape)
     first, last = start // block, -(-stop // block)
-    lo, hi = first * block, min(last * block, total)
-    part = functional.QuantState(absmax=_absmax(state, first, last), shape=(hi - lo,), dtype=state.dtype, blocksize=block,
+    lo, hi = first * block, min(last * block, math.prod(state.shape))
+    block_ids = torch.arange(first, last, device=packed.device)
+    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(hi - lo,), dtype=state.dtype, blocksize=block,
                                  code=state.code, quant_type=state.quant_type)
     values = functional.dequantize_4bit(packed.view(-1)[lo // 2 : (hi + 1) // 2].view(-1, 1), part)
     return values.reshape(-1)[start - lo : stop - lo]
 
 
-def _absmax(state, first: int, last: int) -> torch.Tensor:
-    """float32 absmax of blocks [first, last), dequantizing only the nested blocks that hold them."""
+def _absmax(state, block_ids: torch.Tensor) -> torch.Tensor:
+    """float32 absmax of the blocks `block_ids`. With double quantization, as bitsandbytes'
+    `dequantize_blockwise` computes it for those entries alone: code[q] x nested absmax of its
+    run of 256, plus the offset."""
     if not state.nested:
-        return state.absmax[first:last].float()
+        return state.absmax[block_ids].float()
     nested = state.state2
-    size = nested.blocksize
-    lo, hi = first // size, -(-last // size)
-    part = _bnb().functional.QuantState(absmax=nested.absmax[lo:hi], code=nested.code, blocksize=size, dtype=nested.dtype)
-    absmax = _bnb().functional.dequantize_blockwise(state.absmax[lo * size : hi * size], part)
-    absmax += state.offset
-    return absmax[first - lo * size : last - lo * size].float()
+    values = nested.code[state.absmax[block_ids].long()] * nested.absmax[block_ids // nested.blocksize]
+    return (values + state.offset).float()
+
+
+def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """An NF4 embedding's forward that dequantizes only the rows of the ids it looks up (one for
+    a decoded token) instead of the whole table."""
+    plist = module.parametrizations.weight
+    rows, inverse = torch.unique(input_ids, return_inverse=True)
+    weight = dequantize_rows(plist.original, plist[0].quant_state, rows)
+    return nn.functional.embedding(inverse, weight, None, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+                                   module.sparse)
 
 
 # -- one layer at a time per model -----------------------------------------------------------------
@@ -209,12 +228,21 @@ def prepare_nf4_model(model: nn.Module) -> None:
         module.register_forward_hook(lock.give_back, always_call=True)
     if any(hasattr(module, "has_gate") and hasattr(module, "is_transposed") for module in experts):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)  # set by @use_experts_implementation
+    for module in model.modules():
+        # Only nn.Embedding's own forward is replaced: subclasses (scaled embeddings) keep theirs.
+        if type(module).forward is nn.Embedding.forward and "weight" in _nf4_states(module):
+            module.forward = partial(nf4_embedding_forward, module)
 
 
 def _has_4bit_experts(module: nn.Module) -> bool:
     """Whether a module holds fused expert tensors (3 or more dimensions) stored in 4-bit."""
-    return any(len(plist[0].quant_state.shape) >= 3 for plist in getattr(module, "parametrizations", {}).values()
-               if hasattr(plist[0], "quant_state"))
+    return any(len(state.shape) >= 3 for state in _nf4_states(module).values())
+
+
+def _nf4_states(module: nn.Module) -> dict:
+    """{tensor name: quantization state} of a module's 4-bit parametrized tensors."""
+    return {name: plist[0].quant_state for name, plist in getattr(module, "parametrizations", {}).items()
+            if hasattr(plist[0], "quant_state")}
 
 
 def uses_hit_experts(model: nn.Module) -> bool:
