@@ -23,7 +23,7 @@ the embedding and a tied lm_head); bitsandbytes' Linear4bit layers (attention, a
 lm_head) dequantize inside their own kernels and are not counted. "k experts used" = MoE
 layers x k x bytes of one expert in bf16.
 
-    .venv/bin/python benchmarks/nf4_decode.py [--rounds 5] [--steps 16] [--skip-mixtral]
+    .venv/bin/python benchmarks/nf4_decode.py [--rounds 5] [--steps 16] [--threads 1] [--skip-mixtral]
 """
 
 from __future__ import annotations
@@ -200,7 +200,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=16, help="decode steps per run (the Mixtral layer uses a quarter)")
     parser.add_argument("--skip-mixtral", action="store_true", help="only the bundled model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (one: steadier on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
           file=sys.stderr)
     results = [measure("bundled model (assets/model)", bundled(), args.rounds, args.steps)]
