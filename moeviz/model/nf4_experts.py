@@ -13,6 +13,9 @@ Which path runs when (transformers 5.24):
   ships with bitsandbytes 0.50.2.
 - Other experts classes (Llama 4's bmm over the whole tensors, LongCat-Flash, Step3) keep their
   own forward: each access to a fused tensor dequantizes it whole, through the parametrization.
+- A 4-bit `nn.Embedding` looks up only the rows of its ids (`nf4_embedding_forward`); a tied
+  lm_head needs the whole table and dequantizes it whole, as attention's `Linear4bit`s do
+  inside bitsandbytes.
 
 Memory under concurrent sessions: bitsandbytes' own `replace_parameter_4bit` switches on
 PyTorch's parametrization cache around each experts module, and that cache is process-global
@@ -47,10 +50,10 @@ def _bnb():
 def nf4_parametrization() -> type:
     """bitsandbytes' `Bnb4bitParametrization`, dequantizing through a flat view of the tensor
     (see `dequantize_whole`), and whose quantization state follows the packed weights when the
-    model moves (`model.to("cuda")`): bitsandbytes keeps it as a plain
-    attribute, which `Module.to` leaves behind. A dtype change is refused: the dtype the
-    weights are dequantized in was fixed when they were quantized. (A class made on first use:
-    bitsandbytes is imported only when 4-bit is asked for.)"""
+    model moves (`model.to("cuda")`): bitsandbytes keeps it as a plain attribute, which
+    `Module.to` leaves behind. A dtype change is refused: the dtype the weights dequantize to
+    was fixed when they were quantized. (A class made on first use: bitsandbytes is imported
+    only when 4-bit is asked for.)"""
 
     class NF4Parametrization(_bnb().nn.parametrize.Bnb4bitParametrization):
         @torch.no_grad()

@@ -12,9 +12,9 @@ absmax in 8-bit as well, ~4.13 instead of ~4.5 bits a weight):
 - every `nn.Linear` weight (attention, dense and shared-expert MLPs, lm_head) -> `Linear4bit`;
 - every fused expert parameter, i.e. every floating parameter with 3 or more dimensions
   (`gate_up_proj`, `down_proj`, `up_proj`, ...) -> a `bitsandbytes.nn.parametrize`
-  parametrization, as `replace_parameter_4bit` sets it up: stored in 4-bit and dequantized once
-  per forward pass of its experts module, so one layer's experts exist in the compute dtype
-  while that layer runs (Mixtral-8x7B: 2.6 GiB in bf16);
+  parametrization: stored in 4-bit; a forward pass dequantizes only the experts it uses, one
+  layer at a time per model (`moeviz.model.nf4_experts`: at most 2.6 GiB of bf16 for a
+  Mixtral-8x7B layer that uses all its experts);
 - the token embedding, the same way, and an lm_head tied to it shares its 4-bit storage.
   Embeddings are a large share of small models such as the bundled one, and NF4 moves routing
   very little (tests/test_quant.py measures the agreement).
