@@ -485,6 +485,8 @@ def intervention_summary(result) -> str:
     if result.baseline_continuation or result.changed_continuation:
         lines.append(f"continuation before: {result.baseline_continuation!r}")
         lines.append(f"continuation after:  {result.changed_continuation!r}")
+    return "\n".join(lines)
+
 
 # -- atlas -----------------------------------------------------------------------------------
 

@@ -13,8 +13,10 @@ from streamlit.testing.v1 import AppTest
 from test_routing_lab_page import values
 
 from moeviz.analysis import effects
+from moeviz.model.capture import DEFAULT_MAX_TOKENS
 from moeviz.model.interventions import Intervention, run_intervention
 from moeviz.model.loading import load_model
+from moeviz.model.tokens import context_length
 from moeviz.ui import default_model_source, presets
 from moeviz.views import intervention_charts
 
@@ -26,8 +28,9 @@ PAGE = "app_pages/intervene.py"
 def expected():
     loaded = load_model(default_model_source())
     text = presets()["english"]
+    limit = min(DEFAULT_MAX_TOKENS, context_length(loaded.model.config))  # the sidebar's default token limit
     return run_intervention(loaded.model, loaded.tokenizer, text, Intervention(ablate={0: [1]}, bias={0: {3: 2.5}}),
-                            model_id=loaded.model_id, continuation_tokens=12)
+                            model_id=loaded.model_id, max_tokens=limit, continuation_tokens=12)
 
 
 def test_page_shows_the_intervention_result(expected):

@@ -46,7 +46,7 @@ def plain_logits(model, tokenizer, text: str = TEXT) -> torch.Tensor:
 def traced(model, tokenizer, intervention: Intervention):
     """(trace, output logits) of TEXT with the intervention."""
     with intervening(model, intervention) as call:
-        trace = trace_text(model, tokenizer, TEXT)
+        trace = trace_text(model, tokenizer, TEXT, all_logits=True)
     return trace, call.output_logits
 
 

@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from moeviz.model.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, build_trace, last_logit_only, recording_routers
 from moeviz.model.tokens import Tokenized, context_length, token_strings, tokenize
 from moeviz.trace import RoutingTrace
 
@@ -98,7 +98,7 @@ def _generate(model, prompt_ids: list[int], budget: int, sampling: Sampling, eos
     """Token ids generated after the prompt; each is forwarded once (routing captured)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(sampling.seed)
-    output = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+    output = model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, **last_logit_only(model))
     new_ids: list[int] = []
     for _ in range(budget):
         next_id = _choose(output.logits[0, -1].float().cpu(), sampling.temperature, generator)

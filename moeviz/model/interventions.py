@@ -624,7 +624,7 @@ def run_intervention(
 
 def _traced(model, tokenizer, text, intervention, model_id, max_tokens) -> tuple[RoutingTrace, Predictions]:
     with intervening(model, intervention) as call:
-        trace = trace_text(model, tokenizer, text, model_id=model_id, max_tokens=max_tokens)
+        trace = trace_text(model, tokenizer, text, model_id=model_id, max_tokens=max_tokens, all_logits=True)
     logits = call.output_logits[0]
     # A decoder-only model predicts token t + 1 at position t; an encoder-decoder one (its decoder
     # reads the start token, then the text) at decoder position t + 1.

@@ -12,9 +12,9 @@ absmax in 8-bit as well, ~4.13 instead of ~4.5 bits a weight):
 - every `nn.Linear` weight (attention, dense and shared-expert MLPs, lm_head) -> `Linear4bit`;
 - every fused expert parameter, i.e. every floating parameter with 3 or more dimensions
   (`gate_up_proj`, `down_proj`, `up_proj`, ...) -> a `bitsandbytes.nn.parametrize`
-  parametrization, as `replace_parameter_4bit` sets it up: stored in 4-bit and dequantized once
-  per forward pass of its experts module, so one layer's experts exist in the compute dtype
-  while that layer runs (Mixtral-8x7B: 2.6 GiB in bf16);
+  parametrization: stored in 4-bit; a forward pass dequantizes only the experts it uses, one
+  layer at a time per model (`moeviz.model.nf4_experts`: at most 2.6 GiB of bf16 for a
+  Mixtral-8x7B layer that uses all its experts);
 - the token embedding, the same way, and an lm_head tied to it shares its 4-bit storage.
   Embeddings are a large share of small models such as the bundled one, and NF4 moves routing
   very little (tests/test_quant.py measures the agreement).
@@ -59,6 +59,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from moeviz.model.capture import NoRoutersError, find_routers
+from moeviz.model.nf4_experts import parametrize_nf4, prepare_nf4_model
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def _place(model: nn.Module, name: str, tensor: torch.Tensor, kind: str | None, 
         module.quant_state = state
     else:
         setattr(module, attr, nn.Parameter(packed, requires_grad=False))
-        bnb.nn.parametrize.replace_parameter_4bit_prequantized(module, attr, state.as_dict(packed=True), packed.device)
+        parametrize_nf4(module, attr, state)
 
 
 def _quantize_nf4(tensor: torch.Tensor, double_quant: bool):
@@ -257,12 +258,13 @@ def quantize_model(model: PreTrainedModel, *, double_quant: bool = True) -> PreT
     streaming (each weight keeps its dtype as compute dtype). This needs the 16-bit model in
     memory first; for big models use `load_nf4`."""
     plan = quantization_plan(model)
-    device = next(model.parameters()).device
-    _bitsandbytes(device)
+    for device in {model.get_parameter(name).device for name in plan}:
+        _bitsandbytes(device)
     for name, kind in plan.items():
-        tensor = model.get_parameter(name).data
-        _place(model, name, tensor, kind, device=device, dtype=tensor.dtype, double_quant=double_quant)
+        tensor = model.get_parameter(name).data  # each weight stays where it is (device_map="auto" spreads them)
+        _place(model, name, tensor, kind, device=tensor.device, dtype=tensor.dtype, double_quant=double_quant)
     _tie(model)
+    prepare_nf4_model(model)
     return model
 
 
@@ -324,6 +326,7 @@ def load_nf4(
             progress(done, len(layers))
     _tie(model)
     _finish(model, device)
+    prepare_nf4_model(model)
     return model.eval()
 
 
@@ -442,7 +445,9 @@ def _check_fits(model: nn.Module, plan: dict[str, str], device: torch.device, dt
     if need > free:
         raise QuantizationError(
             f"In 4-bit this model needs about {need / 2**30:.1f} GiB on {device} (the 4-bit weights plus "
-            f"two layers in {dtype} while loading), but only {free / 2**30:.1f} GiB are free."
+            f"two layers in {dtype} while loading), but only {free / 2**30:.1f} GiB are free. moeviz's 4-bit "
+            "loader puts the whole model on one GPU; it does not spill layers to the CPU as device_map='auto' "
+            "does for 16-bit models. Free GPU memory, use a larger GPU, or load the model without 4-bit."
         )
 
 

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from moeviz.model.capture import DEFAULT_MAX_TOKENS, build_trace, recording_routers, routing_facts, trace_text
+from moeviz.model.capture import (
+    DEFAULT_MAX_TOKENS, build_trace, last_logit_only, recording_routers, routing_facts, trace_text,
+)
 from moeviz.model.loading import LoadedModel
 from moeviz.model.tokens import tokenize
 from moeviz.model.weights import quantization_of
@@ -156,7 +158,7 @@ def trace_batch(model, tokenizer, texts: list[str], *, model_id: str = "",
     input_ids = torch.tensor([t.ids + [pad_id] * (width - len(t.ids)) for t in batch], device=device)
     attention_mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
     with recording_routers(model) as collector, torch.inference_mode():
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **last_logit_only(model))
     return [
         build_trace(model, tokenized, text, _rows_of(collector, row, length, len(batch), width), model_id=model_id)
         for row, (tokenized, text, length) in enumerate(zip(batch, texts, lengths))

@@ -1,0 +1,256 @@
+"""Running a model whose experts are stored in NF4: dequantize only the experts a forward pass
+uses, hold one layer's dequantized experts at a time per model, and keep the quantization state
+with the weights when the model moves.
+
+Which path runs when (transformers 5.24):
+- Experts classes decorated with `@use_experts_implementation` (Mixtral, Qwen2/3-MoE, OLMoE,
+  DeepSeek-V2/V3, GPT-OSS, GraniteMoE, PhiMoE, Jamba, ... all but a few) run
+  `nf4_experts_forward`, registered as the model's experts implementation "moeviz_nf4": it
+  dequantizes the experts hit by the step's `top_k_index`, expert by expert from their own
+  blocks of the packed storage, and hands them to transformers' `grouped_mm` forward as if they
+  were the whole layer. A decoded token dequantizes k experts per layer, not E; a long prefill
+  that hits every expert dequantizes all of them, once. No fused NF4 grouped kernel is used: none
+  ships with bitsandbytes 0.50.2.
+- Other experts classes (Llama 4's bmm over the whole tensors, LongCat-Flash, Step3) keep their
+  own forward: each access to a fused tensor dequantizes it whole, through the parametrization.
+- A 4-bit `nn.Embedding` looks up only the rows of its ids (`nf4_embedding_forward`); a tied
+  lm_head needs the whole table and dequantizes it whole, as attention's `Linear4bit`s do
+  inside bitsandbytes.
+
+Memory under concurrent sessions: bitsandbytes' own `replace_parameter_4bit` switches on
+PyTorch's parametrization cache around each experts module, and that cache is process-global
+(`torch.nn.utils.parametrize._cache`), so two threads in two layers kept each other's layers
+alive. moeviz registers the parametrization without that cache (nothing here reads a fused
+tensor twice in one forward) and serialises the forward of every 4-bit experts module of a model
+on one lock held by the model: a layer's dequantized experts exist only inside that forward, so
+at most one layer's are alive per model, whatever the number of threads. Attention, routers and
+the rest of the forward pass still run in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from functools import cache, partial
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from transformers.integrations.moe import ExpertsInterface, grouped_mm_experts_forward
+
+EXPERTS_IMPLEMENTATION = "moeviz_nf4"
+
+
+def _bnb():
+    return sys.modules["bitsandbytes"]  # imported by moeviz.model.quantize before any of this runs
+
+
+@cache
+def nf4_parametrization() -> type:
+    """bitsandbytes' `Bnb4bitParametrization`, dequantizing through a flat view of the tensor
+    (see `dequantize_whole`), and whose quantization state follows the packed weights when the
+    model moves (`model.to("cuda")`): bitsandbytes keeps it as a plain attribute, which
+    `Module.to` leaves behind. A dtype change is refused: the dtype the weights dequantize to
+    was fixed when they were quantized. (A class made on first use: bitsandbytes is imported
+    only when 4-bit is asked for.)"""
+
+    class NF4Parametrization(_bnb().nn.parametrize.Bnb4bitParametrization):
+        @torch.no_grad()
+        def forward(self, packed: torch.Tensor) -> torch.Tensor:
+            return dequantize_whole(packed, self.quant_state)
+
+        def _apply(self, fn, recurse=True):
+            state = self.quant_state
+            probe = fn(torch.empty(0, dtype=state.dtype, device=state.absmax.device))
+            if probe.dtype != state.dtype:
+                raise TypeError(
+                    f"This model's weights are stored in 4-bit and dequantize to {state.dtype}; it cannot be cast "
+                    f"to {probe.dtype}. Load it again with the compute dtype you want (load_model(..., dtype=...))."
+                )
+            if probe.device != state.absmax.device:
+                state.to(probe.device)
+            return super()._apply(fn, recurse)
+
+    return NF4Parametrization
+
+
+def parametrize_nf4(module: nn.Module, name: str, state) -> None:
+    """Make `module.<name>` (already the packed uint8 parameter) dequantize from NF4 on access,
+    as bitsandbytes' `replace_parameter_4bit_prequantized` does, minus its process-global cache
+    (see the module docstring); `state_dict()` still holds the packed weight and its state."""
+    parametrize.register_parametrization(module, name, nf4_parametrization()(state), unsafe=True)
+    module.register_state_dict_post_hook(partial(_bnb().nn.parametrize._parametrized_state_dict_post_hook, param_name=name))
+
+
+# -- the experts forward ---------------------------------------------------------------------------
+
+
+def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """An experts module's forward that dequantizes only the experts in `top_k_index`.
+
+    hidden_states: [tokens, hidden]; top_k_index, top_k_weights: [tokens, k]. The hit experts'
+    weights are stacked as a layer of `len(hit)` experts and the ids renumbered into it, so
+    transformers' grouped_mm forward computes exactly what it computes on the whole layer.
+    On a GPU, finding which experts were hit (`torch.unique`) costs one synchronisation per layer.
+    """
+    hit = torch.unique(top_k_index)
+    renumber = torch.zeros(self.num_experts, dtype=top_k_index.dtype, device=top_k_index.device)
+    renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=hit.device)
+    weights = {}
+    for name, plist in self.parametrizations.items():
+        weights[name] = dequantize_rows(plist.original, plist[0].quant_state, hit)
+    for name, param in self.named_parameters(recurse=False):  # biases [experts, ...]; routers are elsewhere
+        if param.shape[:1] == (self.num_experts,):
+            weights[name] = param[hit]
+    return grouped_mm_experts_forward(_HitExperts(self, weights, hit.numel()), hidden_states, renumber[top_k_index],
+                                      top_k_weights)
+
+
+class _HitExperts:
+    """An experts module seen through the experts one step hit: their weights, their count,
+    and everything else (activation, gate function, flags) from the module itself."""
+
+    def __init__(self, experts: nn.Module, weights: dict[str, torch.Tensor], num_experts: int):
+        self._experts = experts
+        self.__dict__.update(weights)
+        self.num_experts = num_experts
+
+    def __getattr__(self, name):
+        return getattr(self._experts, name)
+
+
+def dequantize_rows(packed: torch.Tensor, state, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (int64 [n]) along the first dimension of a 4-bit tensor [R, ...] (experts of a
+    fused tensor, rows of an embedding), dequantized: [n, ...] in the state's dtype, bitwise equal
+    to the same rows of the whole tensor dequantized.
+
+    A row is a contiguous run of the flat tensor. When its size is a multiple of the 64-weight
+    block (Mixtral-8x7B's experts: 2 x 14,336 x 4,096; embeddings 64k wide) the rows' packed
+    bytes and absmax (8-bit itself, in runs of 256, with double quantization) are gathered and
+    dequantized in one call; otherwise each row is read from the blocks that touch it."""
+    _follow(packed, state)
+    per_row = math.prod(state.shape[1:])
+    if per_row % state.blocksize:
+        runs = [_dequantize_range(packed, state, r * per_row, (r + 1) * per_row) for r in rows.tolist()]
+        return torch.stack(runs).view(len(runs), *state.shape[1:])
+    functional = _bnb().functional
+    blocks = per_row // state.blocksize
+    block_ids = (rows[:, None] * blocks + torch.arange(blocks, device=rows.device)).reshape(-1)
+    picked = packed.view(-1, per_row // 2).index_select(0, rows)
+    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(rows.numel() * per_row,), dtype=state.dtype,
+                                 blocksize=state.blocksize, code=state.code, quant_type=state.quant_type)
+    return functional.dequantize_4bit(picked.view(-1, 1), part).view(rows.numel(), *state.shape[1:])
+
+
+def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
+    """A whole 4-bit tensor, dequantized as the flat run of weights it was quantized as.
+
+    Not `bitsandbytes.functional.dequantize_4bit(packed, state)`: in bitsandbytes 0.50.2 its CPU
+    kernel gets the blocks wrong when the last dimension is an odd multiple of 32 (32, 96, ...:
+    errors 2-4x NF4's; tests/test_nf4_runtime.py), and blocks are runs of the flat tensor anyway."""
+    _follow(packed, state)
+    return _dequantize_range(packed, state, 0, math.prod(state.shape)).view(state.shape)
+
+
+def _follow(packed: torch.Tensor, state) -> None:
+    """Bring the state to the packed weights' device: accelerate places tensors, not their state."""
+    if state.absmax.device != packed.device:
+        state.to(packed.device)
+
+
+def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> torch.Tensor:
+    """Weights [start, stop) of a flattened 4-bit tensor, float in the state's dtype."""
+    functional = _bnb().functional
+    block = state.blocksize
+    first, last = start // block, -(-stop // block)
+    lo, hi = first * block, min(last * block, math.prod(state.shape))
+    block_ids = torch.arange(first, last, device=packed.device)
+    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(hi - lo,), dtype=state.dtype, blocksize=block,
+                                 code=state.code, quant_type=state.quant_type)
+    values = functional.dequantize_4bit(packed.view(-1)[lo // 2 : (hi + 1) // 2].view(-1, 1), part)
+    return values.reshape(-1)[start - lo : stop - lo]
+
+
+def _absmax(state, block_ids: torch.Tensor) -> torch.Tensor:
+    """float32 absmax of the blocks `block_ids`. With double quantization, as bitsandbytes'
+    `dequantize_blockwise` computes it for those entries alone: code[q] x nested absmax of its
+    run of 256, plus the offset."""
+    if not state.nested:
+        return state.absmax[block_ids].float()
+    nested = state.state2
+    values = nested.code[state.absmax[block_ids].long()] * nested.absmax[block_ids // nested.blocksize]
+    return (values + state.offset).float()
+
+
+def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
+    """An NF4 embedding's forward that dequantizes only the rows of the ids it looks up (one for
+    a decoded token) instead of the whole table."""
+    plist = module.parametrizations.weight
+    rows, inverse = torch.unique(input_ids, return_inverse=True)
+    weight = dequantize_rows(plist.original, plist[0].quant_state, rows)
+    return nn.functional.embedding(inverse, weight, None, module.max_norm, module.norm_type, module.scale_grad_by_freq,
+                                   module.sparse)
+
+
+# -- one layer at a time per model -----------------------------------------------------------------
+
+
+class ExpertsLock:
+    """The lock a 4-bit model's experts forwards take, one at a time (module docstring).
+
+    Taken in a forward pre-hook and given back in a forward hook that always runs, also when the
+    forward raised; a thread gives back only what it took (a pre-hook before ours may have
+    raised first)."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+        self._held = threading.local()
+
+    def take(self, module, args):
+        self._lock.acquire()
+        self._held.depth = getattr(self._held, "depth", 0) + 1
+
+    def give_back(self, module, args, output):
+        if getattr(self._held, "depth", 0):
+            self._held.depth -= 1
+            self._lock.release()
+
+
+def prepare_nf4_model(model: nn.Module) -> None:
+    """Set up a model whose fused experts were just parametrized to NF4: one `ExpertsLock` (as
+    `model.nf4_experts_lock`) around every 4-bit experts module, and the hit-experts forward where
+    its experts classes dispatch through transformers' experts interface."""
+    if hasattr(model, "nf4_experts_lock"):
+        return
+    lock = model.nf4_experts_lock = ExpertsLock()
+    experts = [module for module in model.modules() if _has_4bit_experts(module)]
+    for module in experts:
+        module.register_forward_pre_hook(lock.take, prepend=True)
+        module.register_forward_hook(lock.give_back, always_call=True)
+    if any(hasattr(module, "has_gate") and hasattr(module, "is_transposed") for module in experts):
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)  # set by @use_experts_implementation
+    for module in model.modules():
+        # Only nn.Embedding's own forward is replaced: subclasses (scaled embeddings) keep theirs.
+        if type(module).forward is nn.Embedding.forward and "weight" in _nf4_states(module):
+            module.forward = partial(nf4_embedding_forward, module)
+
+
+def _has_4bit_experts(module: nn.Module) -> bool:
+    """Whether a module holds fused expert tensors (3 or more dimensions) stored in 4-bit."""
+    return any(len(state.shape) >= 3 for state in _nf4_states(module).values())
+
+
+def _nf4_states(module: nn.Module) -> dict:
+    """{tensor name: quantization state} of a module's 4-bit parametrized tensors."""
+    return {name: plist[0].quant_state for name, plist in getattr(module, "parametrizations", {}).items()
+            if hasattr(plist[0], "quant_state")}
+
+
+def uses_hit_experts(model: nn.Module) -> bool:
+    """Whether `model` runs `nf4_experts_forward` (else its experts classes' own forward)."""
+    return getattr(model.config, "_experts_implementation", None) == EXPERTS_IMPLEMENTATION
+
+
+ExpertsInterface.register(EXPERTS_IMPLEMENTATION, nf4_experts_forward)
