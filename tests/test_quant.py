@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import _random_model
+from conftest import _random_model, tiny_mixtral_config
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -393,6 +393,19 @@ def test_packed_cpu_kernel_only_for_bf16_compute_and_widths_it_can_pack(monkeypa
         [name for name in bf16 if name != "lm_head"], cpu_has_avx512bf16)  # q/k/v/o: 64 or 32 wide
     float32 = _packing_flags(quantize.load_nf4(mixtral_dir, dtype=torch.float32))
     assert not any(float32.values())  # the kernel would compute in bf16: never for float32
+
+
+@pytest.mark.parametrize("cpu_has_avx512bf16", [False, True])
+def test_packed_cpu_kernel_never_for_inputs_narrower_than_a_block(monkeypatch, tmp_path, tokenizer, cpu_has_avx512bf16):
+    """A 32-wide hidden size: every input is half a 64-weight block, which the packing cannot
+    reshape; the bf16 model runs the portable path, on every CPU."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: cpu_has_avx512bf16)
+    _random_model(MixtralForCausalLM, tiny_mixtral_config()).save_pretrained(tmp_path)
+    model = quantize.load_nf4(tmp_path, dtype=torch.bfloat16)
+    flags = _packing_flags(model)
+    assert flags and not any(flags.values())
+    with torch.inference_mode():
+        assert torch.isfinite(model(INPUT_IDS).logits).all()
 
 
 def test_float32_4bit_logits_do_not_depend_on_the_cpu(monkeypatch, mixtral_dir):

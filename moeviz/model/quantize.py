@@ -228,12 +228,15 @@ def packed_cpu_kernel_fits(linear: nn.Module, dtype: torch.dtype) -> bool:
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a Linear4bit's weight for that kernel
     on its first forward pass (`nn/modules.py`, when `support_avx512bf16_for_cpu`). The repacking
-    asserts `out_features % 32 == 0` (a 49,155-token vocabulary fails), and the kernel casts
-    the input to bfloat16 whatever the compute dtype. So moeviz lets it run only where it is
-    the same computation: bfloat16 compute and a width it can pack. Everywhere else the portable
-    path runs (dequantize, then a matmul in the compute dtype), as on CPUs without the feature.
+    asserts `out_features % 32 == 0` (a 49,155-token vocabulary fails) and reshapes the absmax
+    to one row per output, so `in_features` must be a whole number of 64-weight blocks (a
+    32-wide input fails); the kernel casts the input to bfloat16 whatever the compute dtype. So
+    moeviz lets it run only where it is the same computation: bfloat16 compute and shapes it can
+    pack. Everywhere else the portable path runs (dequantize, then a matmul in the compute
+    dtype), as on CPUs without the feature.
     """
-    return dtype == torch.bfloat16 and linear.out_features % PACKED_CPU_BLOCK_N == 0
+    return (dtype == torch.bfloat16 and linear.out_features % PACKED_CPU_BLOCK_N == 0
+            and linear.in_features % BLOCKSIZE == 0)
 
 
 def _tie(model: nn.Module) -> None:
