@@ -13,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from moeviz.analysis import atlas as atlases
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
 from moeviz.model.loading import load_model
+from moeviz.model.tokens import context_length
 from moeviz.ui import default_model_source, presets
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -20,8 +21,9 @@ APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 def samples_atlas(loaded) -> atlases.Atlas:
     """The atlas of the domain samples, special tokens of the default model left out."""
-    traces = {domain: trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id,
-                                 max_tokens=DEFAULT_MAX_TOKENS) for domain, text in presets().items()}
+    limit = min(DEFAULT_MAX_TOKENS, context_length(loaded.model.config))  # the sidebar's default token limit
+    traces = {domain: trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=limit)
+              for domain, text in presets().items()}
     special = atlases.special_token_ids(default_model_source())
     return atlases.trace_atlas(traces, counted={d: atlases.counted_mask(t, special) for d, t in traces.items()})
 
