@@ -440,8 +440,9 @@ def test_intervene_page_shows_the_library_result(tab, model):
     new_tokens = tab.page.locator(".st-key-intervene_continuation input")
     tab.act(lambda: (new_tokens.fill("0"), new_tokens.press("Enter")))
     text = presets()["english"]
+    limit = min(DEFAULT_MAX_TOKENS, context_length(model.model.config))  # the sidebar's default token limit
     expected = run_intervention(model.model, model.tokenizer, text, Intervention(ablate={0: [1]}),
-                                model_id=model.model_id)
+                                model_id=model.model_id, max_tokens=limit)
     delta = expected.changed_logprobs - expected.baseline_logprobs
     shown = tab.page.locator(".moeviz-token[data-delta]").evaluate_all("spans => spans.map(s => s.dataset.delta)")
     np.testing.assert_allclose([float(d) for d in shown], delta, atol=1e-5)
