@@ -4,8 +4,19 @@ import streamlit as st
 
 from moeviz.analysis import metrics
 from moeviz.trace import RoutingTrace
-from moeviz.ui import (counted, enough_tokens, layer_picker, load_choices, load_title, repeat_rate_figure,
-                       router_scores_shown, routing_view, show_figure, trace_download, trace_from_source)
+from moeviz.ui import (
+    counted,
+    enough_tokens,
+    layer_picker,
+    load_choices,
+    load_title,
+    repeat_rate_figure,
+    router_scores_shown,
+    routing_view,
+    show_figure,
+    trace_download,
+    trace_from_source,
+)
 from moeviz.views import charts
 
 

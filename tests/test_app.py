@@ -81,7 +81,7 @@ def test_analyse_page_follows_typed_text_and_layer_slider(model):
 def routing_payload(app: AppTest) -> dict:
     """The data the Analyse page's routing view carries to the browser."""
     [view] = app.get("iframe")
-    return json.loads(re.search(r'id="moeviz-routing-data">(.*?)</script>', view.proto.srcdoc, re.S)[1])
+    return json.loads(re.search(r'id="moeviz-routing-data">(.*?)</script>', view.proto.srcdoc, re.DOTALL)[1])
 
 
 def test_analyse_page_ships_every_layer_to_the_routing_view(model):

@@ -15,7 +15,7 @@ from moeviz.views import routing_view
 from moeviz.views.charts import expert_colors
 
 HOSTILE = ["</script><script>alert(1)</script>", '<img src=x onerror="alert(1)">', "a&amp;b", "\u2028", "<!--", "\n"]
-PAYLOAD = re.compile(r'<script type="application/json" id="moeviz-routing-data">(.*?)</script>', re.S)
+PAYLOAD = re.compile(r'<script type="application/json" id="moeviz-routing-data">(.*?)</script>', re.DOTALL)
 
 
 def payload_of(page: str) -> dict:

@@ -22,9 +22,14 @@ import json
 import numpy as np
 
 from moeviz.trace import RoutingTrace
-from moeviz.views.charts import _EMPTY_TOKEN, _score_name, _text_color, _visible_chars, expert_colors
+from moeviz.views.charts import (
+    _EMPTY_TOKEN,
+    _score_name,
+    _text_color,
+    _visible_chars,
+    expert_colors,
+)
 
-DATA_ID = "moeviz-routing-data"
 HEATMAP_WINDOW = 64  # tokens in the heatmap window: about 12 px a column, each one pickable
 _ROW_PX = 14  # an expert's row in the heatmap and the load bars
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
