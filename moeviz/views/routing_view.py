@@ -215,6 +215,7 @@ function showLayer(l, started) {
   if (started !== undefined) requestAnimationFrame(() => setTimeout(() => {
     document.body.dataset.shown = layer;
     document.body.dataset.switchMs = (performance.now() - started).toFixed(1);
+    document.body.dataset.switches = (+document.body.dataset.switches || 0) + 1;
   }, 0));
   else document.body.dataset.shown = layer;
 }
