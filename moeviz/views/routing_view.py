@@ -30,7 +30,6 @@ from moeviz.views.charts import (
     expert_colors,
 )
 
-HEATMAP_WINDOW = 64  # tokens in the heatmap window: about 12 px a column, each one pickable
 _ROW_PX = 14  # an expert's row in the heatmap and the load bars
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
                  0x2028: "\\u2028", 0x2029: "\\u2029"}
@@ -86,8 +85,8 @@ def payload_json(payload: dict) -> str:
 def routing_view_height(trace: RoutingTrace) -> int:
     """Pixels the view needs: controls, tokens (scrolling beyond 300 px), heatmap and load bars
     (scrolling beyond 460 px), the path line and the pinned details (scrolling beyond 300 px)."""
-    charts_height = min(_ROW_PX * trace.num_experts + 80, 520)
-    return 40 + 320 + charts_height + 50 + min(30 * len(trace.layer_ids) + 30, 310)
+    charts_height = min(_ROW_PX * trace.num_experts + 100, 520)
+    return 40 + 330 + charts_height + 60 + min(30 * len(trace.layer_ids) + 30, 310)
 
 
 def routing_view_html(trace: RoutingTrace, layer_id: int | None = None, left_out=None) -> str:
@@ -95,7 +94,7 @@ def routing_view_html(trace: RoutingTrace, layer_id: int | None = None, left_out
     first MoE layer by default)."""
     start = trace.layer_index(layer_id) if layer_id is not None else 0
     return (_PAGE.replace("@DATA@", payload_json(routing_payload(trace, left_out)))
-            .replace("@START@", str(start)).replace("@WINDOW@", str(HEATMAP_WINDOW)))
+            .replace("@START@", str(start)))
 
 
 _PAGE = """<!DOCTYPE html>
@@ -111,7 +110,7 @@ body{font-family:"Source Sans Pro",sans-serif;font-size:14px;margin:0;padding:4p
 .tok.hit{outline:2px solid #000;outline-offset:0}
 .tok.hover{box-shadow:0 0 0 2px #ff2b2b}
 .tok.pinned{box-shadow:0 0 0 3px #1c83e1}
-.row{display:flex;gap:16px;margin-top:8px;flex-wrap:wrap}
+.row{display:flex;gap:16px;margin-top:8px}
 h4{margin:4px 0;font-size:14px}
 .load{max-height:460px;overflow:auto;display:grid;grid-template-columns:auto 160px auto;gap:2px 6px;align-items:center;font-size:12px}
 .load .track{position:relative;height:12px;background:#f0f2f6}
@@ -152,7 +151,10 @@ function typed(a) {
   return {array, shape: a.shape};
 }
 const IDS = typed(D.topk_ids), W = typed(D.topk_weights), P = typed(D.router_probs);
-const T = D.tokens.length, L = D.layer_ids.length, K = D.top_k, E = D.num_experts, WINDOW = Math.min(@WINDOW@, T);
+const T = D.tokens.length, L = D.layer_ids.length, K = D.top_k, E = D.num_experts;
+// The heatmap window: as many 12 px columns as fit beside the load bars, each token pickable.
+const CELL = 12, ROW = Math.max(2, Math.min(14, Math.floor(448 / E)));
+const WINDOW = Math.min(T, Math.max(16, Math.floor((document.documentElement.clientWidth - 60 - 330) / CELL)));
 const first = (l, t) => IDS.array[(l * T + t) * K];
 const pick = (l, t, r) => IDS.array[(l * T + t) * K + r];
 const weight = (l, t, r) => W ? W.array[(l * T + t) * K + r] : null;
@@ -220,11 +222,10 @@ function showLayer(l, started) {
   else document.body.dataset.shown = layer;
 }
 
-const CELL = 12, ROW = Math.max(2, Math.min(14, Math.floor(448 / E)));
 function drawHeatmap() {
   const canvas = $("heat"), title = $("heat-title");
-  title.textContent = (P ? D.score_name + "s" : "First choices") + " · " + D.layer_labels[layer] +
-    " · tokens " + windowStart + "–" + (windowStart + WINDOW - 1);
+  title.textContent = (P ? "Router scores (" + D.score_name + ")" : "First choices") + " · " +
+    D.layer_labels[layer] + " · tokens " + windowStart + "–" + (windowStart + WINDOW - 1);
   canvas.width = WINDOW * CELL + 60; canvas.height = E * ROW + 4;
   const g = canvas.getContext("2d");
   g.font = "11px sans-serif"; g.textBaseline = "middle";
