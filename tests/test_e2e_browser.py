@@ -315,7 +315,7 @@ def test_hostile_text_is_analysed_and_shown_literally(hostile_tab, model, name):
     trace = expected_trace(model, sent)
     assert_routing_shown(hostile_tab, trace, trace.layer_ids[0])
     assert not hostile_tab.alerts()
-    view = hostile_tab.page.locator(".moeviz-token-view").inner_text()
+    view = hostile_tab.routing_view().locator("#tokens").inner_text()
     for literal in re.findall(r"<[^>]*>", text):  # markup shows as the characters typed
         assert literal.replace(" ", "") in view.replace(" ", "").replace("␣", ""), literal
     # The heatmap's token ticks are drawn as text, never as Plotly's own markup.
