@@ -3,22 +3,29 @@
 import streamlit as st
 
 from moeviz.analysis import metrics
-from moeviz.ui import (counted, enough_tokens, layer_picker, load_choices, load_title, repeat_rate_figure,
-                       router_scores_shown, show_figure, token_view, trace_download, trace_from_source)
+from moeviz.trace import RoutingTrace
+from moeviz.ui import (
+    counted,
+    enough_tokens,
+    layer_picker,
+    load_choices,
+    load_title,
+    repeat_rate_figure,
+    router_scores_shown,
+    routing_view,
+    show_figure,
+    trace_download,
+    trace_from_source,
+)
 from moeviz.views import charts
 
-st.title("Analyse text")
-choice = st.session_state.get("model_choice")
-trace = trace_from_source(choice, "analyse_text", default_preset="english")
-if trace is not None:
-    layer = layer_picker(trace, "analyse_layer")
+
+@st.fragment
+def layer_charts(trace: RoutingTrace) -> None:
+    """The Plotly charts of one layer; their slider reruns this fragment only."""
+    layer = layer_picker(trace, "analyse_layer", label="Layer of the charts below")
     index = trace.layer_index(layer)
-
-    st.subheader(f"Tokens coloured by first-choice expert · {trace.layer_label(layer)}")
-    st.caption("As in the Mixtral paper's Fig. 8. Hover over a token for its top-k experts and weights.")
-    st.html(token_view(trace, layer))
-
-    st.subheader("Router probabilities")
+    st.subheader(f"Router probabilities · {trace.layer_label(layer)}")
     if router_scores_shown(trace, "The router probability heatmap", logits_suffice=True):
         show_figure(charts.probability_heatmap(trace, layer), "probabilities")
 
@@ -49,4 +56,15 @@ if trace is not None:
             cols[0].metric("Balance loss E·Σ f·P (balanced = k)", f"{metrics.balance_loss(stats)[index]:.3f}")
             cols[1].metric("Mean router entropy (bits)", f"{metrics.router_entropy(stats)[index].mean():.3f}")
 
+
+st.title("Analyse text")
+choice = st.session_state.get("model_choice")
+trace = trace_from_source(choice, "analyse_text", default_preset="english")
+if trace is not None:
+    st.subheader("Routing, layer by layer")
+    st.caption("Tokens coloured by first-choice expert, as in the Mixtral paper's Fig. 8, with the layer's expert "
+               "load and router probabilities. Every layer is in your browser: the slider and the ← → keys switch "
+               "layers at once. Hover a token for its path across layers, click it to pin its details.")
+    routing_view(trace)
+    layer_charts(trace)
     trace_download(trace, "analyse_trace_file")

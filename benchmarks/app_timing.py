@@ -11,9 +11,17 @@
    server's PYTHONPATH times `ScriptRunner._run_script`), and as the websocket shows it
    (first message of the run to `script_finished`, received by the browser).
 
+3. `--view`: a layer switch inside the Analyse page's routing view (`moeviz.views.routing_view`,
+   no server round trip) against a move of the page's own layer slider (a rerun of the charts'
+   `st.fragment`), interleaved, on a text of each `--view-tokens` length (the sidebar's token
+   limit raised to fit). The view's switch is timed twice: in the page, from the key event's
+   timestamp to a task queued after the next animation frame (the new layer painted), and from
+   here, key press to the view reporting it (adds Playwright's round trips).
+
 Every text is a different window of the held-out samples, so no run hits the trace cache.
 
     .venv/bin/python benchmarks/app_timing.py [--rounds 15] [--tokens 1000]
+    .venv/bin/python benchmarks/app_timing.py --view [--rounds 9] [--view-tokens 1000 8192]
 """
 
 from __future__ import annotations
@@ -155,14 +163,67 @@ def browse(loaded, tab: AppPage, texts: list[str], rounds: int) -> tuple[list, .
     return analyse, analyse_server, model_only, move, move_server, counts
 
 
+def view_switches(loaded, sizes: list[int], rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        with running_app(Path(scratch) / "server.log") as url, chromium(Path(scratch) / "profile") as browser:
+            for tokens in sizes:
+                tab = AppPage(browser.new_page(), url)
+                print(view_table(tab, windows(loaded.tokenizer, tokens, 1)[0], tokens, rounds), flush=True)
+                tab.page.close()
+
+
+def view_table(tab: AppPage, text: str, tokens: int, rounds: int) -> str:
+    tab.open()
+    limit = tab.page.locator('[class*="st-key-max_tokens-"] input')
+    tab.act(lambda: (limit.fill(str(max(tokens, 1))), limit.press("Enter")))
+    tab.enter_text("analyse_text", text)
+    frame = tab.routing_view()
+    layers = frame.locator("#layer")
+    page_slider = tab.page.get_by_role("slider", name="Layer of the charts below")
+    in_page, from_here, fragment, fragment_server = [], [], [], []
+    for number in range(rounds):
+        key = "End" if number % 2 == 0 else "Home"
+        tab.page.wait_for_timeout(300)  # let Chromium finish painting: the cores are shared
+        switches = int(frame.evaluate("() => +document.body.dataset.switches || 0"))
+        start = time.monotonic()
+        layers.press(key)
+        frame.wait_for_function("n => (+document.body.dataset.switches || 0) > n", arg=switches, polling="raf")
+        from_here.append(time.monotonic() - start)
+        in_page.append(float(frame.evaluate("() => document.body.dataset.switchMs")) / 1000)
+
+        tab.page.wait_for_timeout(300)
+        before = tab.finished
+        start = time.monotonic()
+        page_slider.press(key)
+        fragment.append(tab.wait_for_run(before) - start)
+        fragment_server.append(tab.runs[-1][1] - tab.runs[-1][0])
+    if tab.dialogs or tab.errors:
+        raise RuntimeError(f"the page misbehaved: {tab.dialogs} {tab.errors}")
+    shown = tab.token_counts()[0]
+    return "\n".join([
+        f"| layer switch, {shown:,} tokens | median (ms) |", "|---|---:|",
+        f"| routing view: key event to the new layer painted (in the page) | {median_ms(in_page)} |",
+        f"| routing view: key press to the view reporting it (Playwright) | {median_ms(from_here)} |",
+        f"| page slider: key press until the charts' fragment is redrawn | {median_ms(fragment)} |",
+        f"| its script run as the websocket shows it | {median_ms(fragment_server)} |",
+        f"| ratio routing view (Playwright) / page slider | {paired(from_here, fragment):.3f} |", "",
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (at least 15)")
     parser.add_argument("--tokens", type=int, default=1000, help="length of each analysed text")
     parser.add_argument("--skip-browser", action="store_true", help="only the server-side part")
+    parser.add_argument("--view", action="store_true", help="only the routing view's layer switch (part 3)")
+    parser.add_argument("--view-tokens", type=int, nargs="+", default=[1000, 8192], help="text lengths for --view")
     args = parser.parse_args()
     source = default_model_source()
     loaded = load_model(source, device="cpu")
+    if args.view:
+        print(f"model {loaded.model_id} ({source}); {args.rounds} rounds of each\n")
+        view_switches(loaded, args.view_tokens, args.rounds)
+        return
     texts = windows(loaded.tokenizer, args.tokens, args.rounds + 1)
     print(f"model {loaded.model_id} ({source}); {args.rounds} rounds; texts of {args.tokens} tokens\n")
     server_side(texts, args.rounds)

@@ -27,6 +27,7 @@ from moeviz.model.planning import STORAGE_NAMES, MemoryPlan, format_bytes
 from moeviz.model.tokens import context_length
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
+from moeviz.views.routing_view import routing_view_height, routing_view_html
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 INCLUDE_SPECIAL = "include_special"  # session key of the sidebar's "Count special tokens" toggle
@@ -357,9 +358,11 @@ def repeat_rates(trace: RoutingTrace) -> metrics.RepeatRates:
     return metrics.repeat_rates(trace, include_special())
 
 
-def token_view(trace: RoutingTrace, layer: int) -> str:
-    """The token view, special tokens grey when the statistics leave them out."""
-    return charts.token_view_html(trace, layer, left_out=~metrics.counted_tokens(trace, include_special()))
+def routing_view(trace: RoutingTrace) -> None:
+    """The in-browser routing view of every layer (`moeviz.views.routing_view`), special tokens
+    grey when the statistics leave them out."""
+    left_out = ~metrics.counted_tokens(trace, include_special())
+    st.iframe(routing_view_html(trace, left_out=left_out), height=routing_view_height(trace), alt="Routing view")
 
 
 def enough_tokens(trace: RoutingTrace, what: str = "This text") -> bool:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from playwright.sync_api import BrowserContext, Page, sync_playwright
+from playwright.sync_api import BrowserContext, Frame, Page, sync_playwright
 from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,14 +110,17 @@ FIGURES = """() => Object.fromEntries(Array.from(document.querySelectorAll('.js-
     return [key, JSON.parse(JSON.stringify(plot.data, (name, value) => name === '_inputArray' ? undefined : value))];
 }))"""
 
-TOKEN_VIEW = """() => Array.from(document.querySelectorAll('.moeviz-token-view .moeviz-token')).map(
-    span => [span.textContent, span.title, getComputedStyle(span).backgroundColor])"""
+ROUTING_VIEW = 'iframe[title="Routing view"]'  # the Analyse page's in-browser view (moeviz.views.routing_view)
+
+TOKEN_VIEW = """() => Array.from(document.querySelectorAll('#tokens .tok')).map(
+    span => [span.textContent, getComputedStyle(span).backgroundColor])"""
 
 INJECTED = """() => ({
     images: document.querySelectorAll('img[src="x"], img[onerror]').length,
     links: document.querySelectorAll('a[href^="javascript"]').length,
-    scripts: Array.from(document.querySelectorAll('script')).filter(s => s.text.includes('alert(1)')).length,
-    bold: Array.from(document.querySelectorAll('.moeviz-token-view b, .moeviz-token-view img')).length,
+    scripts: Array.from(document.querySelectorAll('script:not([type="application/json"])'))
+        .filter(s => s.text.includes('alert(1)')).length,
+    bold: Array.from(document.querySelectorAll('.moeviz-token-view b, .moeviz-token-view img, #tokens b, #tokens img')).length,
 })"""
 
 
@@ -229,8 +232,24 @@ class AppPage:
         """{chart key: Plotly traces as drawn}, typed arrays decoded to numpy."""
         return {key: [decode(trace) for trace in traces] for key, traces in self.page.evaluate(FIGURES).items()}
 
-    def token_view(self) -> list[tuple[str, str, str]]:
-        return [tuple(row) for row in self.page.evaluate(TOKEN_VIEW)]
+    def routing_view(self) -> Frame:
+        """The document inside the Analyse page's routing view, once its script has drawn it."""
+        frame = self.page.locator(ROUTING_VIEW).element_handle().content_frame()
+        frame.wait_for_function("() => document.body && document.body.dataset.shown !== undefined",
+                                timeout=RUN_TIMEOUT * 1000)
+        return frame
+
+    def token_view(self) -> list[tuple[str, str]]:
+        """(text, background colour) of each token in the routing view."""
+        return [tuple(row) for row in self.routing_view().evaluate(TOKEN_VIEW)]
+
+    def view_layer(self, key: str) -> int:
+        """Press `key` on the routing view's layer slider; returns the layer index it then shows."""
+        frame = self.routing_view()
+        before = int(frame.evaluate("() => +document.body.dataset.switches || 0"))
+        frame.locator("#layer").press(key)
+        frame.wait_for_function("before => (+document.body.dataset.switches || 0) > before", arg=before)
+        return int(frame.evaluate("() => document.body.dataset.shown"))
 
     def screenshot(self, name: str) -> None:
         """The whole page, not just the viewport: the window grows to the page's height."""
@@ -246,7 +265,10 @@ class AppPage:
         """No dialog opened, no script error, no markup from the text became elements."""
         assert not self.dialogs, self.dialogs
         assert not self.errors, self.errors
-        assert self.page.evaluate(INJECTED) == {"images": 0, "links": 0, "scripts": 0, "bold": 0}
+        clean = {"images": 0, "links": 0, "scripts": 0, "bold": 0}
+        assert self.page.evaluate(INJECTED) == clean
+        if self.page.locator(ROUTING_VIEW).count():
+            assert self.routing_view().evaluate(INJECTED) == clean
 
 
 def decode(value):

@@ -17,6 +17,7 @@ from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import load_model
 from moeviz.model.tokens import context_length
 from moeviz.ui import default_model_source, presets
+from moeviz.views.routing_view import read_typed_array
 
 TIMEOUT = 300
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -75,6 +76,22 @@ def test_analyse_page_follows_typed_text_and_layer_slider(model):
     slider.set_value(trace.layer_ids[-1]).run()
     assert not app.exception
     assert any(f"layer {trace.layer_ids[-1]}" in h.value for h in app.subheader)
+
+
+def routing_payload(app: AppTest) -> dict:
+    """The data the Analyse page's routing view carries to the browser."""
+    [view] = app.get("iframe")
+    return json.loads(re.search(r'id="moeviz-routing-data">(.*?)</script>', view.proto.srcdoc, re.DOTALL)[1])
+
+
+def test_analyse_page_ships_every_layer_to_the_routing_view(model):
+    app = run_page()
+    trace = app_trace(model, presets()["english"])
+    data = routing_payload(app)
+    assert data["tokens"] == trace.tokens and data["layer_ids"] == trace.layer_ids
+    np.testing.assert_array_equal(read_typed_array(data["topk_ids"]), trace.topk_ids)
+    np.testing.assert_allclose(read_typed_array(data["router_probs"]), trace.router_probs, atol=1e-5)
+    assert data["left_out"] == trace.special.tolist()  # BOS grey: the statistics leave it out
 
 
 def test_empty_text_gives_a_hint_not_an_error():
@@ -144,7 +161,8 @@ def test_generation_mode_marks_generated_tokens(model):
     generated = expected.num_tokens - expected.generated_from  # fewer than 5 if it ends the text
     assert any(c.value == f"{generated} token{'' if generated == 1 else 's'} generated (marked in the charts); "
                f"it stopped because {STOP_REASONS[expected.stop_reason]}." for c in app.caption)
-    assert "moeviz-generated" in app.get("html")[0].proto.body
+    # The routing view underlines the tokens from generated_from on.
+    assert routing_payload(app)["generated_from"] == expected.generated_from
 
 
 def test_domains_page_shows_fig7_loads_and_table5_rates(model):

@@ -94,6 +94,18 @@ def rgb(color: str) -> str:
     return "rgb({}, {}, {})".format(*(int(color[i : i + 2], 16) for i in (1, 3, 5)))
 
 
+def assert_view_shows(app: AppPage, trace: RoutingTrace) -> int:
+    """The routing view shows every token of `trace` (special ones grey), coloured by its first
+    choice in the layer the view is on; returns that layer's index."""
+    index = int(app.routing_view().evaluate("() => document.body.dataset.shown"))
+    shown = app.token_view()
+    assert [text for text, _ in shown] == TokenView(charts.token_view_html(trace, trace.layer_ids[index])).tokens
+    colors = charts.expert_colors(trace.num_experts)
+    assert [color for _, color in shown] == [rgb("#e8e8e8") if special else rgb(colors[e])
+                                             for e, special in zip(trace.first_choice[index], trace.special)]
+    return index
+
+
 def assert_routing_shown(app: AppPage, trace: RoutingTrace, layer: int) -> None:
     """The Analyse page shows `trace` at `layer`: token view (special tokens grey), router
     scores, expert load (special tokens left out)."""
@@ -101,14 +113,7 @@ def assert_routing_shown(app: AppPage, trace: RoutingTrace, layer: int) -> None:
     assert app.token_counts() == [counted_tokens(trace)]
     assert any(heading.endswith(f"· layer {layer}") for heading in app.subheaders())
 
-    shown = app.token_view()
-    assert [text for text, _, _ in shown] == TokenView(charts.token_view_html(trace, layer)).tokens
-    colors = charts.expert_colors(trace.num_experts)
-    assert [color for _, _, color in shown] == [rgb("#e8e8e8") if special else rgb(colors[e])
-                                                for e, special in zip(trace.first_choice[index], trace.special)]
-    picks = [[(int(e), float(w)) for e, w in re.findall(r"expert (\d+): ([\d.]+)", title)] for _, title, _ in shown]
-    np.testing.assert_array_equal([[e for e, _ in row] for row in picks], trace.topk_ids[index])
-    np.testing.assert_allclose([[w for _, w in row] for row in picks], trace.topk_weights[index], atol=0.006)
+    assert_view_shows(app, trace)
 
     figures = app.figures()
     scores, chosen = figures["probabilities"]
@@ -127,8 +132,8 @@ def test_analyse_page_shows_the_routing_of_the_default_preset(tab, model):
     trace = expected_trace(model, presets()["english"])
     assert tab.text_value("analyse_text") == presets()["english"]
     assert_routing_shown(tab, trace, trace.layer_ids[0])
-    legend = tab.page.locator(".moeviz-legend .moeviz-swatch").all_inner_texts()
-    assert legend == [f"expert {e}" for e in np.unique(trace.first_choice[0][~trace.special])]
+    shares = tab.routing_view().locator("#load > span:nth-child(3n)").all_inner_texts()
+    assert shares == [f"{100 * share:.1f}%" for share in metrics.expert_load(metrics.counted(trace), 1)[0]]
     with tab.page.expect_download() as download:  # the chart's data as a CSV file
         tab.page.locator(".st-key-expert_load_csv button").click()
     table = pd.read_csv(download.value.path())
@@ -153,6 +158,56 @@ def test_pasted_text_and_layer_slider(tab, model, server):
         tab.act(lambda: slider.press("ArrowLeft"))
         assert_routing_shown(tab, trace, trace.layer_ids[-2])
     tab.screenshot("analyse-pasted-text-last-layers")
+
+
+def test_routing_view_switches_layers_in_the_browser(tab, model):
+    """The routing view's own slider and arrow keys switch layers with no script run; hover
+    shows a token's path across layers, a click pins its top-k and router distribution in every
+    layer, and search marks the tokens containing a string."""
+    tab.open()
+    trace = expected_trace(model, presets()["english"])
+    runs = tab.finished
+    view = tab.routing_view()
+    colors = charts.expert_colors(trace.num_experts)
+    positions = [1, 2, 7, trace.num_tokens - 1]
+
+    def first_choices_shown() -> list[str]:
+        return [view.locator("#tokens .tok").nth(t).evaluate("span => getComputedStyle(span).backgroundColor")
+                for t in positions]
+
+    last = len(trace.layer_ids) - 1
+    assert tab.view_layer("End") == last
+    assert view.locator("#layer-name").inner_text() == trace.layer_label(trace.layer_ids[-1])
+    assert first_choices_shown() == [rgb(colors[e]) for e in trace.first_choice[last, positions]]
+    assert assert_view_shows(tab, trace) == last
+    assert tab.view_layer("ArrowLeft") == last - 1
+    assert first_choices_shown() == [rgb(colors[e]) for e in trace.first_choice[last - 1, positions]]
+    view.locator("#tokens").click(position={"x": 1, "y": 1})  # the arrow keys work anywhere in the view
+    view.locator("body").press("ArrowLeft")
+    view.wait_for_function(f"() => document.body.dataset.shown === '{last - 2}'")
+    assert first_choices_shown() == [rgb(colors[e]) for e in trace.first_choice[last - 2, positions]]
+    assert tab.finished == runs  # not one script run on the server
+
+    token = view.locator("#tokens .tok").nth(7)
+    token.hover()
+    path = view.locator("#path .chip").all_inner_texts()
+    assert path == [f"{trace.layer_label(n)}: e{trace.first_choice[i, 7]}" for i, n in enumerate(trace.layer_ids)]
+    token.click()
+    head = view.locator(".pinned-head").inner_text()
+    assert head.startswith(f"Pinned: position 7 · token id {trace.token_ids[7]} · text {json.dumps(trace.tokens[7])}")
+    for index, line in enumerate(view.locator(".layer-detail").all()):
+        picks = [chip.split() for chip in line.locator(".chip").all_inner_texts()]
+        assert [int(e[1:]) for e, _ in picks] == trace.topk_ids[index, 7].tolist()
+        np.testing.assert_allclose([float(w) for _, w in picks], trace.topk_weights[index, 7], atol=5e-4)
+        bars = line.locator(".dist span").evaluate_all("bars => bars.map(bar => bar.title)")
+        np.testing.assert_allclose([float(b.split(": ")[1]) for b in bars], trace.router_probs[index, 7], atol=5e-4)
+
+    view.locator("#search").fill("the")
+    hits = view.locator("#tokens .tok.hit").evaluate_all("spans => spans.map(span => +span.dataset.pos)")
+    assert hits == [t for t, token in enumerate(trace.tokens) if "the" in token.lower()] and hits
+    assert view.locator("#matches").inner_text() == f"{len(hits)} tokens match"
+    assert tab.finished == runs
+    tab.screenshot("analyse-routing-view-pinned")
 
 
 def test_compare_layers_page(tab, model):
@@ -260,7 +315,7 @@ def test_hostile_text_is_analysed_and_shown_literally(hostile_tab, model, name):
     trace = expected_trace(model, sent)
     assert_routing_shown(hostile_tab, trace, trace.layer_ids[0])
     assert not hostile_tab.alerts()
-    view = hostile_tab.page.locator(".moeviz-token-view").inner_text()
+    view = hostile_tab.routing_view().locator("#tokens").inner_text()
     for literal in re.findall(r"<[^>]*>", text):  # markup shows as the characters typed
         assert literal.replace(" ", "") in view.replace(" ", "").replace("␣", ""), literal
     # The heatmap's token ticks are drawn as text, never as Plotly's own markup.

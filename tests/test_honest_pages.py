@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
-from test_app import app_trace, counted_tokens, decode_plotly_array, limit, token_counts
+from test_app import app_trace, counted_tokens, decode_plotly_array, limit, routing_payload, token_counts
 
 from moeviz.analysis import metrics
 from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
@@ -66,7 +66,7 @@ def test_one_character_text_counts_one_token_and_leaves_bos_out(model):
     assert trace.special.tolist() == [True, False]  # <s>, "a"
     assert token_counts(app) == [1]
     assert any(c.value.startswith("1 token · 1 special token left out of the statistics") for c in app.caption)
-    assert app.get("html")[0].proto.body.count("moeviz-left-out") == 1
+    assert routing_payload(app)["left_out"] == [True, False]  # the routing view greys <s>
     assert any("at least two adjacent tokens" in i.value for i in app.info)  # no traceback, no statistics
 
 
@@ -86,7 +86,7 @@ def test_special_tokens_are_out_of_every_statistic_until_the_sidebar_counts_them
     app.sidebar.toggle(key="include_special").set_value(True).run()
     assert not app.exception and token_counts(app) == [trace.num_tokens]
     np.testing.assert_allclose(chart_values(app, "Share of tokens per expert")["load"], metrics.expert_load(trace, 1)[index])
-    assert "moeviz-left-out" not in app.get("html")[0].proto.body
+    assert not any(routing_payload(app)["left_out"])
     assert {m.label: m.value for m in app.metric}["Balance loss E·Σ f·P (balanced = k)"] == \
         f"{metrics.balance_loss(trace)[index]:.3f}"
 
