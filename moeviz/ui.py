@@ -10,7 +10,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from moeviz.analysis import metrics
+from moeviz.analysis import metrics, tables
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import (
@@ -401,21 +401,40 @@ def layer_picker(trace: RoutingTrace, key: str, label: str = "Layer") -> int:
 
 
 def show_figure(fig, key: str) -> None:
-    """A chart with a CSV download of the data it plots."""
+    """A chart with a CSV download of the data it plots (`charts.figure_table`); a chart of one
+    layer names it in the file, e.g. probabilities-layer-3.csv."""
     st.plotly_chart(fig, key=key, width="stretch")
     st.download_button(
         # A callable: the CSV is built when someone clicks, not on every rerun (a slider move).
-        "Download data (CSV)", lambda: charts.figure_table(fig).to_csv(index=False), file_name=f"{key}.csv",
+        "Download data (CSV)", lambda: charts.figure_table(fig).to_csv(index=False), file_name=figure_file_name(fig, key),
         mime="text/csv", key=f"{key}_csv", on_click="ignore",
     )
 
 
+def figure_file_name(fig, key: str) -> str:
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    return f"{key}-layer-{meta['layer']}.csv" if "layer" in meta else f"{key}.csv"
+
+
 def trace_download(trace: RoutingTrace, key: str) -> None:
+    """The trace file, and the per-token table (`tables.token_table`) as CSV and Parquet."""
     st.download_button(
         "Download trace file", trace.to_bytes(), file_name="routing-trace.safetensors",
         mime="application/octet-stream", key=key, on_click="ignore",
         help="All of this analysis as one safetensors file (no pickle).",
     )
+    full = trace.has_scores and st.checkbox(
+        "Add the full router distribution to the table", key=f"{key}_full",
+        help=f"One column per expert (router_prob_0 … router_prob_{trace.num_experts - 1}) on every row.")
+    described = ("One row per token × layer × top-k rank: position, token_id, token (raw text), layer, layer_label, "
+            "rank, expert, weight, router_prob" + ("" if trace.has_scores else " (empty: this trace has no scores)"))
+    csv, parquet = st.columns(2)
+    csv.download_button("Download per-token table (CSV)", lambda: tables.to_csv(tables.token_table(trace, full)),
+                        file_name="routing-tokens.csv", mime="text/csv", key=f"{key}_table_csv", on_click="ignore",
+                        help=described)
+    parquet.download_button("Download per-token table (Parquet)", lambda: tables.to_parquet(tables.token_table(trace, full)),
+                            file_name="routing-tokens.parquet", mime="application/vnd.apache.parquet",
+                            key=f"{key}_table_parquet", on_click="ignore", help=described)
 
 
 REPEAT_LABELS = {

@@ -402,35 +402,50 @@ def test_js_matrix_heatmap_annotated_with_escaped_labels():
 
 
 def test_figure_table_of_probability_heatmap(trace):
+    """Named columns, integer ids, the layer, and tokens in their raw text (issue 14, item 5)."""
     fig = probability_heatmap(trace, 1)
     table = figure_table(fig)
-    heat = table[table.trace == "router probability"]
+    assert table.columns.tolist() == ["layer", "layer_label", "series", "position", "expert", "router_probability",
+                                      "token", "choice", "weight"]
+    assert set(table.layer) == {1} and set(table.layer_label) == {"layer 1"}
+    heat = table[table.series == "router probability"]
     assert len(heat) == 4 * 5
-    assert heat.x.tolist() == list(range(5)) * 4
-    assert heat.y.tolist() == [e for e in range(4) for _ in range(5)]
-    np.testing.assert_allclose(heat.z, trace.router_probs[0].T.reshape(-1))
-    assert heat.token.tolist() == ["<s>", SCRIPT, "↵", " cat", IMG] * 4
+    assert heat.position.tolist() == list(range(5)) * 4
+    assert heat.expert.tolist() == [e for e in range(4) for _ in range(5)]
+    np.testing.assert_allclose(heat.router_probability, trace.router_probs[0].T.reshape(-1))
+    assert heat.token.tolist() == trace.tokens * 4  # raw text: "\n", not the glyph ↵
+    assert "↵" not in heat.token.tolist() and "\n" in heat.token.tolist()
 
-    picks = table[table.trace == "top-k picks"]
-    assert list(zip(picks.x, picks.y)) == list(zip(fig.data[1].x.tolist(), fig.data[1].y.tolist()))
+    picks = table[table.series == "top-k picks"]
+    assert list(zip(picks.position, picks.expert)) == list(zip(fig.data[1].x.tolist(), fig.data[1].y.tolist()))
     assert picks.choice.tolist() == [1, 2] * 5
     np.testing.assert_allclose(picks.weight.astype(float), np.ravel(TOPK_WEIGHTS[0]), rtol=1e-6)
-    assert picks.z.isna().all()
-    assert "\ntop-k picks,0,0,,<s>,1,0.6" in table.to_csv(index=False)
+    assert picks.router_probability.isna().all()
+    assert table.expert.dtype == "Int64" and table.position.dtype == "Int64" and table.choice.dtype == "Int64"
+    assert "\n1,layer 1,top-k picks,0,0,,<s>,1,0.6" in table.to_csv(index=False)
 
 
 def test_figure_table_of_load_and_layer_charts(trace):
+    """No uniform-line points, integer expert ids (not 0.0) (issue 14, item 5)."""
     table = figure_table(expert_load_chart([0.4, 0.1, 0.3, 0.2], 0.25))
-    assert table.columns.tolist() == ["trace", "x", "y"]
-    assert table.values.tolist() == [
-        ["load", 0, 0.4], ["load", 1, 0.1], ["load", 2, 0.3], ["load", 3, 0.2],
-        ["uniform (0.25)", -0.5, 0.25], ["uniform (0.25)", 3.5, 0.25],
-    ]
+    assert table.columns.tolist() == ["expert", "expert_load"]
+    assert table.values.tolist() == [[0, 0.4], [1, 0.1], [2, 0.3], [3, 0.2]]
+    assert table.to_csv(index=False) == "expert,expert_load\n0,0.4\n1,0.1\n2,0.3\n3,0.2\n"
     load = np.arange(8.0).reshape(2, 4)
     table = figure_table(layer_load_heatmap(trace, load, 0.25))
+    assert table.columns.tolist() == ["expert", "layer_label", "load"]
     assert len(table) == 16
-    assert table[table.y == "layer 3"].z.tolist() == [4.0, 5.0, 6.0, 7.0]
-    assert table[table.y == "layer 2 (dense)"].z.isna().all()
+    assert table[table.layer_label == "layer 3"].load.tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert table[table.layer_label == "layer 2 (dense)"].load.isna().all()
+
+
+def test_figure_table_of_coactivation_and_load_comparison():
+    table = figure_table(coactivation_heatmap(np.array([[3, 1], [1, 2]])))
+    assert table.columns.tolist() == ["expert", "with_expert", "tokens"]
+    assert table.values.tolist() == [[0, 0, 3], [1, 0, 1], [0, 1, 1], [1, 1, 2]]
+    table = figure_table(load_comparison_chart({"a": [0.5, 0.5], "b": [1.0, 0.0]}, 0.5))
+    assert table.columns.tolist() == ["series", "expert", "expert_load"]
+    assert table.values.tolist() == [["a", 0, 0.5], ["a", 1, 0.5], ["b", 0, 1.0], ["b", 1, 0.0]]
 
 
 def test_figure_table_of_sankey_and_js_matrix(walk):
@@ -440,7 +455,7 @@ def test_figure_table_of_sankey_and_js_matrix(walk):
         ("L0 e0", "L1 e1"): 2, ("L0 e1", "L1 e1"): 1, ("L0 e2", "L1 e0"): 1
     }
     table = figure_table(js_matrix_heatmap(["a", "<s>"], [[0.0, 0.3], [0.3, 0.0]]))
-    assert table[["x", "y", "z"]].values.tolist() == [
+    assert table[["label", "other_label", "js_divergence_bits"]].values.tolist() == [
         ["a", "a", 0.0], ["<s>", "a", 0.3], ["a", "<s>", 0.3], ["<s>", "<s>", 0.0]
     ]
 
