@@ -564,3 +564,43 @@ def test_comparison_titles_say_what_they_show():
     assert js_matrix_heatmap(["a", "b"], np.zeros((2, 2)), title="t").layout.title.text == "t"
     loads = load_comparison_chart({"a": [0.5, 0.5]}, 0.5, title="Share of tokens per expert, first choice")
     assert loads.layout.title.text == "Share of tokens per expert, first choice"
+
+
+# -- text as people read it (issue 14, item 3) ----------------------------------------------------
+
+
+def test_byte_level_pieces_of_chinese_and_emoji_are_drawn_as_their_characters(tiny_mixtral, tokenizer):
+    """The byte-level BPE fixture splits 今, 天 and 😀 into UTF-8 bytes, each token alone
+    `\\xNN`; the token view draws the characters, one span per run, the pieces in the tooltip."""
+    from moeviz.model.capture import trace_text
+    from moeviz.views.charts import character_runs
+
+    trace = trace_text(tiny_mixtral, tokenizer, "今天 ok 😀!", model_id="tiny")
+    assert trace.tokens == ["\\xe4", "\\xbb", "\\x8a", "\\xe5", "\\xa4", "\\xa9", " ", "o", "k", " ",
+                            "\\xf0", "\\x9f", "\\x98", "\\x80", "!"]
+    assert character_runs(trace) == [(0, 3, "今"), (3, 6, "天"), (6, 7, None), (7, 8, None), (8, 9, None),
+                                     (9, 10, None), (10, 14, "😀"), (14, 15, None)]
+    layer = trace.layer_ids[0]
+    parsed = _parse(token_view_html(trace, layer))
+    assert [t["text"] for t in parsed.tokens] == ["今", "天", "␣", "o", "k", "␣", "😀", "!"]
+    first = trace.topk_ids[0]
+    weights = trace.topk_weights[0]
+    assert parsed.tokens[0]["title"] == "今 from 3 byte-level tokens:\n" + "\n".join(
+        f"{trace.tokens[p]} → " + " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(first[p], weights[p]))
+        for p in range(3))
+    assert parsed.tokens[0]["background"] == expert_colors(trace.num_experts)[first[0][0]]
+    page = token_view_html(trace, layer)
+    assert 'class="moeviz-token moeviz-pieces" data-positions="10-13"' in page
+    assert 'data-positions="14-14"' in page
+
+
+def test_bytes_stay_raw_where_no_character_forms(tiny_mixtral, tokenizer):
+    from moeviz.model.capture import trace_text
+    from moeviz.views.charts import character_runs
+
+    # A text that literally holds the escape is not a byte; a lone lead byte forms nothing.
+    literal = trace_text(tiny_mixtral, tokenizer, "a \\xe4\\xbb\\x8a b", model_id="tiny")
+    assert all(characters is None for _, _, characters in character_runs(literal))
+    cut = make_trace(np.zeros((1, 2, 1)), tokens=["\\xe4\\xbb", "x"], num_experts=2)
+    assert character_runs(cut) == [(0, 1, None), (1, 2, None)]
+    assert [t["text"] for t in _parse(token_view_html(cut, 0)).tokens] == ["\\xe4\\xbb", "x"]

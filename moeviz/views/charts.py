@@ -15,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import html
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,47 @@ def _visible_chars(token: str) -> list[str]:
 
 
 _EMPTY_TOKEN = "∅"  # an empty token would be an invisible, unhoverable label
+_BYTE_ESCAPE = re.compile(r"\\x([89a-f][0-9a-f])")  # a byte of partial UTF-8, as moeviz.model.tokens writes it
+_MAX_PIECES = 8  # byte-level pieces that may form characters together (a UTF-8 character has at most 4 bytes)
+
+
+def character_runs(trace: RoutingTrace) -> list[tuple[int, int, str | None]]:
+    """The tokens grouped as people read the text: (first, end, characters) for each run of
+    byte-level pieces that together form whole characters (Chinese, emoji split over tokens,
+    each shown alone as `\\xNN` bytes), and (i, i + 1, None) for every other token.
+
+    A run is kept only where its decoded characters are the text its tokens' offsets span, so
+    a text that literally contains "\\xe4" is never mistaken for a byte.
+    """
+    runs, i = [], 0
+    while i < trace.num_tokens:
+        end, characters = _character_run(trace, i)
+        runs.append((i, end, characters))
+        i = end
+    return runs
+
+
+def _character_run(trace: RoutingTrace, first: int) -> tuple[int, str | None]:
+    if not _BYTE_ESCAPE.search(trace.tokens[first]):
+        return first + 1, None
+    data = b""
+    for end in range(first, min(first + _MAX_PIECES, trace.num_tokens)):
+        data += _token_bytes(trace.tokens[end])
+        try:
+            characters = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        start, stop = trace.offsets[first][0], trace.offsets[end][1]
+        return (end + 1, characters) if end > first and trace.text[start:stop] == characters else (first + 1, None)
+    return first + 1, None
+
+
+def _token_bytes(token: str) -> bytes:
+    """The UTF-8 bytes a token stands for, its `\\xNN` escapes read back as bytes."""
+    parts = _BYTE_ESCAPE.split(token)  # text, hex, text, hex, ..., text
+    return b"".join(bytes([int(part, 16)]) if n % 2 else part.encode("utf-8") for n, part in enumerate(parts))
+
+
 
 
 def _plotly_escape(text: str) -> str:
@@ -242,27 +284,39 @@ def token_view_html(trace: RoutingTrace, layer_id: int, left_out=None) -> str:
     if left_out.shape != (trace.num_tokens,):
         raise ValueError(f"left_out has shape {left_out.shape}; expected one flag per token ({trace.num_tokens},)")
 
+    def routing(position: int) -> str:
+        if weights[position] is None:
+            return " · ".join(f"expert {e}" for e in ids[position])
+        return " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(ids[position], weights[position]))
+
+    def background(position: int) -> str:
+        return _LEFT_OUT_GREY if left_out[position] else colors[ids[position][0]]
+
     spans = []
-    for position, (token, token_ids, token_weights) in enumerate(zip(trace.tokens, ids, weights)):
-        background = _LEFT_OUT_GREY if left_out[position] else colors[token_ids[0]]
-        if token_weights is None:
-            title = " · ".join(f"expert {e}" for e in token_ids)
-        else:
-            title = " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(token_ids, token_weights))
-        if left_out[position]:
-            title = "special token, left out of the statistics · " + title
-        text = "".join(
+    for first, end, characters in character_runs(trace):
+        positions = range(first, end)
+        if characters is None:
+            title = ("special token, left out of the statistics · " if left_out[first] else "") + routing(first)
+            text = trace.tokens[first]
+        else:  # byte-level pieces drawn as the characters they form; the tooltip lists each piece
+            title = f"{''.join(_visible_chars(characters))} from {end - first} byte-level tokens:\n" + "\n".join(
+                f"{trace.tokens[p]} → {routing(p)}" for p in positions)
+            text = characters
+        shown = "".join(
             html.escape(visible, quote=True) + ("<br>" if ch == "\n" else "")
-            for ch, visible in zip(token, _visible_chars(token))
+            for ch, visible in zip(text, _visible_chars(text))
         ) or _EMPTY_TOKEN
-        text = text.replace("$", "&#36;")  # st.markdown would typeset $...$ as LaTeX
-        generated = trace.generated and position >= trace.generated_from
-        classes = "moeviz-token" + (" moeviz-generated" if generated else "") + (" moeviz-left-out" if left_out[position] else "")
+        shown = shown.replace("$", "&#36;")  # st.markdown would typeset $...$ as LaTeX
+        grey = any(left_out[p] for p in positions)
+        generated = trace.generated and end > trace.generated_from
+        classes = ("moeviz-token" + (" moeviz-pieces" if characters is not None else "")
+                   + (" moeviz-generated" if generated else "") + (" moeviz-left-out" if grey else ""))
         spans.append(
-            f'<span class="{classes}" '
+            f'<span class="{classes}" data-positions="{first}-{end - 1}" '
             f'title="{html.escape(title, quote=True)}" '
-            f'style="background-color:{background};color:{"#666666" if left_out[position] else _text_color(background)};'
-            f'padding:1px 1px;border-radius:3px{_GENERATED_STYLE if generated else ""}">{text}</span>'
+            f'style="background-color:{background(first)};{_stripes([background(p) for p in positions])}'
+            f'color:{"#666666" if grey else _text_color(background(first))};'
+            f'padding:1px 1px;border-radius:3px{_GENERATED_STYLE if generated else ""}">{shown}</span>'
         )
 
     first, counts = np.unique(trace.first_choice[layer][~left_out], return_counts=True)
@@ -289,6 +343,15 @@ def token_view_html(trace: RoutingTrace, layer_id: int, left_out=None) -> str:
         '<div class="moeviz-legend" style="font-size:0.8em;margin-top:0.5em">'
         f'first choice, {trace.layer_label(layer_id)}: {"".join(swatches)}{"".join(notes)}</div>'
     )
+
+
+def _stripes(backgrounds: list[str]) -> str:
+    """One vertical stripe per token's colour where the tokens of one character disagree."""
+    if len(set(backgrounds)) == 1:
+        return ""
+    width = 100 / len(backgrounds)
+    stops = ",".join(f"{c} {i * width:.1f}% {(i + 1) * width:.1f}%" for i, c in enumerate(backgrounds))
+    return f"background-image:linear-gradient(90deg,{stops});"
 
 
 # -- expert load ---------------------------------------------------------------------------
