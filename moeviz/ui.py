@@ -188,22 +188,56 @@ def presets() -> dict[str, str]:
     return {path.stem: path.read_text(encoding="utf-8") for path in sorted(SAMPLES.glob("*.txt"))}
 
 
+OWN_TEXT = "(your own text)"
+
+
 def text_input(key: str, label: str = "Text", default_preset: str | None = None) -> str:
     """A preset picker and a text area; choosing a preset fills the area, which stays editable.
-    The text outlives the widget (Streamlit forgets a widget's state when a rerun skips it,
-    e.g. while another source is selected)."""
+    Editing the text switches the picker to "(your own text)", and that text is kept: choosing
+    a preset and then "(your own text)" again brings it back. The choice and the text survive
+    visits to other pages, and the preset's name is in the URL (never the text)."""
     samples = presets()
-    names = ["(your own text)"] + list(samples)
-    index = names.index(default_preset) if default_preset in names else 0
-    preset = st.selectbox(f"{label}: preset", names, index=index, key=f"{key}_preset")
-    kept = f"{key}_kept"
-    if st.session_state.get(f"{key}_loaded_preset") != preset:
-        st.session_state[f"{key}_loaded_preset"] = preset
-        st.session_state[key] = samples.get(preset, st.session_state.get(kept, ""))
-    elif key not in st.session_state:
-        st.session_state[key] = st.session_state.get(kept, "")
-    st.session_state[kept] = st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse")
-    return st.session_state[kept]
+    names = [OWN_TEXT, *samples]
+    preset_key, own, url = f"{key}_preset", f"{key}_own", url_preset_name(key)
+    from_url = st.query_params.get(url)
+    start = from_url if from_url in samples else default_preset if default_preset in names else OWN_TEXT
+    keep_widget_state(preset_key, start)
+    keep_widget_state(key, samples.get(st.session_state[preset_key], st.session_state.get(own, "")))
+
+    def preset_chosen() -> None:
+        st.session_state[key] = samples.get(st.session_state[preset_key], st.session_state.get(own, ""))
+
+    def text_edited() -> None:
+        if st.session_state[key] != samples.get(st.session_state[preset_key]):
+            st.session_state[own] = st.session_state[key]
+            st.session_state[preset_key] = OWN_TEXT
+
+    preset = st.selectbox(f"{label}: preset", names, key=preset_key, on_change=preset_chosen)
+    text = st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse", on_change=text_edited)
+    remember_widget_state(preset_key, key)
+    if preset == OWN_TEXT:
+        st.query_params.pop(url, None)
+    else:
+        st.query_params[url] = preset
+    return text
+
+
+def url_preset_name(key: str) -> str:
+    """The URL parameter of a text input's preset: "preset" for a page's text, else per input."""
+    return "preset" if key.endswith("_text") else f"{key}_preset"
+
+
+def keep_widget_state(key: str, default) -> None:
+    """Give widget `key` its value from before a visit to another page (Streamlit drops the state
+    of widgets a run does not draw), else `default`. Call before drawing the widget."""
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state.get(f"{key}_kept", default)
+
+
+def remember_widget_state(*keys: str) -> None:
+    """Keep widgets' values where Streamlit does not drop them (see `keep_widget_state`)."""
+    for key in keys:
+        st.session_state[f"{key}_kept"] = st.session_state[key]
 
 
 SOURCES = ("Text", "Generate from a prompt", "Trace file")
@@ -213,7 +247,9 @@ def trace_from_source(choice: ModelChoice | None, key: str, default_preset: str 
                       label: str = "Text") -> RoutingTrace | None:
     """A trace from pasted text, from a generation, or from an uploaded trace file (which
     needs no model). Returns None after telling the person what is missing or wrong."""
+    keep_widget_state(f"{key}_source", SOURCES[0])
     source = st.radio("Source", SOURCES, horizontal=True, key=f"{key}_source", label_visibility="collapsed")
+    remember_widget_state(f"{key}_source")
     if source == "Trace file":
         return uploaded_trace(key)
     if choice is None:
@@ -248,17 +284,32 @@ def generated_trace(choice: ModelChoice, key: str) -> RoutingTrace | None:
 
 
 def uploaded_trace(key: str) -> RoutingTrace | None:
-    upload = st.file_uploader("Trace file saved by moeviz (.safetensors)", type=["safetensors"], key=f"{key}_file")
-    if upload is None:
+    """The trace file uploaded here, kept for the session: it is still open after a visit to
+    another page (Streamlit's uploader forgets its file then) until another file replaces it
+    or the person removes it."""
+    file_key, kept = f"{key}_file", f"{key}_upload"
+
+    def changed() -> None:
+        upload = st.session_state[file_key]
+        st.session_state[kept] = (upload.name, upload.getvalue()) if upload is not None else None
+
+    upload = st.file_uploader("Trace file saved by moeviz (.safetensors)", type=["safetensors"], key=file_key,
+                              on_change=changed)
+    if upload is not None:
+        name, data = upload.name, upload.getvalue()
+    elif st.session_state.get(kept):
+        name, data = st.session_state[kept]
+        st.caption(f"Still open: {name}, uploaded earlier. Upload another file to replace it.")
+    else:
         st.info("Open a trace file downloaded from moeviz or written by `moeviz trace`: no model is needed.")
         return None
     try:
-        trace = RoutingTrace.from_bytes(upload.getvalue())
+        trace = RoutingTrace.from_bytes(data)
     except TraceFileError as error:
-        st.error(f"{upload.name}: {error}")
+        st.error(f"{name}: {error}")
         return None
     engine = f" Expert ids recorded by {ENGINE_NAMES.get(trace.engine, trace.engine)}." if trace.engine else ""
-    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {upload.name}.{engine}")
+    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {name}.{engine}")
     show_token_count(trace)
     return trace
 
@@ -393,11 +444,17 @@ def load_title(picks: int, where: str) -> str:
 
 
 def layer_picker(trace: RoutingTrace, key: str, label: str = "Layer") -> int:
+    """A layer slider, its layer in the URL (`?layer=3`), so a link reopens the same view."""
     if len(trace.layer_ids) == 1:
         return trace.layer_ids[0]
     # The key carries the layer ids, so a model with other layers starts a fresh slider.
-    return st.select_slider(label, options=trace.layer_ids, format_func=trace.layer_label,
-                            key=f"{key}-{trace.layer_ids}")
+    slider = f"{key}-{trace.layer_ids}"
+    wanted = st.query_params.get("layer", "")
+    if slider not in st.session_state and wanted.isdigit() and int(wanted) in trace.layer_ids:
+        st.session_state[slider] = int(wanted)  # a shared link opens at its layer
+    layer = st.select_slider(label, options=trace.layer_ids, format_func=trace.layer_label, key=slider)
+    st.query_params["layer"] = str(layer)
+    return layer
 
 
 def show_figure(fig, key: str) -> None:
