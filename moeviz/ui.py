@@ -215,7 +215,7 @@ def text_input(key: str, label: str = "Text", default_preset: str | None = None)
     preset = st.selectbox(f"{label}: preset", names, key=preset_key, on_change=preset_chosen)
     text = st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse", on_change=text_edited)
     remember_widget_state(preset_key, key)
-    if preset == OWN_TEXT:
+    if preset in (OWN_TEXT, default_preset):  # the page's default needs no parameter
         st.query_params.pop(url, None)
     else:
         st.query_params[url] = preset
