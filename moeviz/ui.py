@@ -4,11 +4,17 @@ and charts with their CSV downloads. Pages call these and never touch torch."""
 from __future__ import annotations
 
 import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import streamlit as st
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 
 from moeviz.analysis import metrics, tables
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
@@ -109,6 +115,9 @@ def model_sidebar() -> ModelChoice | None:
             help="Special tokens (BOS, EOS, PAD) are routed alike in every text, so statistics leave them out "
             "and the token view shows them grey. Turn this on to count them too.",
         )
+    if choice is None and model_failure():  # where the person is looking, not only in the sidebar
+        st.error(f"The model could not be loaded: {model_failure()} Pick another model in the sidebar; "
+                 "a trace file opens without one.")
     return choice
 
 
@@ -136,11 +145,8 @@ def _model_picker() -> ModelChoice | None:
             "above, which is also the compute dtype. It is for big models on a GPU: on the CPU it is "
             "slower than 16-bit.",
         )]
-    try:
-        show_estimate(cached_estimate(source, device, dtype), quantization)
-        loaded = cached_model(source, device, dtype, quantization)
-    except (ModelLoadError, NoRoutersError) as error:
-        st.error(str(error))
+    loaded = _load_once(source, device, dtype, quantization)
+    if loaded is None:
         return None
     context = context_length(loaded.model.config)
     default = min(DEFAULT_MAX_TOKENS, context or DEFAULT_MAX_TOKENS)
@@ -153,6 +159,83 @@ def _model_picker() -> ModelChoice | None:
     ))
     show_model_summary(loaded)
     return ModelChoice(source, device, dtype, max_tokens, quantization, context)
+
+
+MODEL_FAILURES = "model_failures"  # session key: {(source, device, dtype, quantization): why it failed}
+HUB_CHECK_SECONDS = 3.0
+
+
+def _load_once(source: str, device: str, dtype: str, quantization: str) -> LoadedModel | None:
+    """The model, or None after saying why not. A failure is remembered for the session, so a
+    rerun (any widget change) does not pay for it again; "Try again" forgets it."""
+    failures = st.session_state.setdefault(MODEL_FAILURES, {})
+    attempt = (source, device, dtype, quantization)
+    if attempt not in failures:
+        try:
+            unreachable = hub_unreachable(source)
+            if unreachable:
+                raise ModelLoadError(unreachable)
+            show_estimate(cached_estimate(source, device, dtype), quantization)
+            return cached_model(source, device, dtype, quantization)
+        except (ModelLoadError, NoRoutersError) as error:
+            failures[attempt] = str(error)
+    st.error(failures[attempt])
+    if st.button("Try again", key="model_retry"):
+        del failures[attempt]
+        st.rerun()
+    return None
+
+
+def model_failure() -> str | None:
+    """Why the model the sidebar names could not be loaded in this session, or None."""
+    failures = st.session_state.get(MODEL_FAILURES, {})
+    attempt = (st.session_state.get("model_source", "").strip(), st.session_state.get("model_device"),
+               st.session_state.get("model_dtype"))
+    return next((why for key, why in failures.items() if key[:3] == attempt), None)
+
+
+def hub_unreachable(source: str, timeout: float = HUB_CHECK_SECONDS) -> str | None:
+    """Why hub id `source` cannot be fetched now, or None (a local folder, a model in the local
+    cache, or a reachable hub). Honours HF_HUB_OFFLINE; otherwise one connection to the hub
+    within `timeout` seconds, instead of transformers' retries (48 s measured with no network)."""
+    if _looks_local(source):
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return None
+    except ValueError:  # not a hub id either: load_model says what a source must be
+        return None
+    if hf_constants.is_offline_mode():
+        return (f"{source!r} is not in the local model cache and HF_HUB_OFFLINE is set, so moeviz does not "
+                "download it. Give a local folder, or unset HF_HUB_OFFLINE on a machine with network access.")
+    if not endpoint_reachable(hf_constants.ENDPOINT, timeout):
+        return (f"The model hub ({hf_constants.ENDPOINT}) did not answer within {timeout:g} s, and {source!r} is "
+                "not in the local cache. Check the network (or HF_ENDPOINT), or give a local model folder.")
+    return None
+
+
+def _looks_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.is_absolute() or source.startswith((".", "~")) or path.exists()
+
+
+def endpoint_reachable(url: str, timeout: float) -> bool:
+    """True when a TCP connection to `url`'s host opens within `timeout` seconds (name lookup
+    included: it runs in a thread, since `getaddrinfo` has no timeout of its own)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    def connect() -> None:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(connect).result(timeout=timeout)
+        return True
+    except (OSError, FutureTimeout):
+        return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def show_estimate(plan: MemoryPlan, quantization: str) -> None:
