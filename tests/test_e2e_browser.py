@@ -102,13 +102,15 @@ def assert_routing_shown(app: AppPage, trace: RoutingTrace, layer: int) -> None:
     assert any(heading.endswith(f"· layer {layer}") for heading in app.subheaders())
 
     shown = app.token_view()
-    assert [text for text, _, _ in shown] == TokenView(charts.token_view_html(trace, layer)).tokens
+    view = TokenView(charts.token_view_html(trace, layer))  # a span per token, or per byte pieces of a character
+    assert [text for text, _, _ in shown] == view.tokens
     colors = charts.expert_colors(trace.num_experts)
-    assert [color for _, _, color in shown] == [rgb("#e8e8e8") if special else rgb(colors[e])
-                                                for e, special in zip(trace.first_choice[index], trace.special)]
-    picks = [[(int(e), float(w)) for e, w in re.findall(r"expert (\d+): ([\d.]+)", title)] for _, title, _ in shown]
-    np.testing.assert_array_equal([[e for e, _ in row] for row in picks], trace.topk_ids[index])
-    np.testing.assert_allclose([[w for _, w in row] for row in picks], trace.topk_weights[index], atol=0.006)
+    first = [first for first, _ in view.positions]  # a span is coloured by its first token
+    assert [color for _, _, color in shown] == [rgb("#e8e8e8") if trace.special[p] else rgb(colors[trace.first_choice[index][p]])
+                                                for p in first]
+    picks = [(int(e), float(w)) for _, title, _ in shown for e, w in re.findall(r"expert (\d+): ([\d.]+)", title)]
+    np.testing.assert_array_equal([e for e, _ in picks], trace.topk_ids[index].reshape(-1))
+    np.testing.assert_allclose([w for _, w in picks], trace.topk_weights[index].reshape(-1), atol=0.006)
 
     figures = app.figures()
     scores, chosen = figures["probabilities"]
@@ -452,3 +454,32 @@ def test_intervene_page_shows_the_library_result(tab, model):
     (bars,) = tab.figures()["intervene_routing"]
     np.testing.assert_allclose(bars["y"], effects.experts_changed(expected.baseline, expected.changed), atol=1e-9)
     tab.screenshot("intervene")
+
+
+def test_link_state_across_pages_and_the_per_token_table(tab, model):
+    """Issue 14, items 4-5: a link reopens preset and layer; own text and the preset box survive
+    a visit to another page; the per-token CSV holds the trace's values."""
+    from moeviz.analysis import tables
+
+    tab.open("?preset=math&layer=2")
+    assert tab.text_value("analyse_text") == presets()["math"]
+    trace = expected_trace(model, presets()["math"])
+    assert_routing_shown(tab, trace, 2)
+    with tab.page.expect_download() as download:
+        tab.page.locator(".st-key-analyse_trace_file_table_csv button").click()
+    assert download.value.suggested_filename == "routing-tokens.csv"
+    table = pd.read_csv(download.value.path(), keep_default_na=False, na_values=[""])
+    expected = tables.token_table(trace)
+    assert table.columns.tolist() == tables.COLUMNS
+    for column in ("position", "token_id", "token", "layer", "layer_label", "rank", "expert"):
+        assert table[column].tolist() == expected[column].tolist(), column
+    np.testing.assert_allclose(table.weight, expected.weight, atol=1e-6)
+    np.testing.assert_allclose(table.router_prob, expected.router_prob, atol=1e-5)
+
+    own = "Experts, my own words."
+    tab.enter_text("analyse_text", own)
+    assert "(your own text)" in tab.page.locator(".st-key-analyse_text_preset").inner_text()
+    tab.act(lambda: tab.page.get_by_role("link", name="Compare layers").click())
+    tab.act(lambda: tab.page.get_by_role("link", name="Analyse text").click())
+    assert tab.text_value("analyse_text") == own
+    assert "(your own text)" in tab.page.locator(".st-key-analyse_text_preset").inner_text()
