@@ -4,13 +4,19 @@ and charts with their CSV downloads. Pages call these and never touch torch."""
 from __future__ import annotations
 
 import os
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import streamlit as st
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
 
-from moeviz.analysis import metrics
+from moeviz.analysis import metrics, tables
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import (
@@ -110,6 +116,9 @@ def model_sidebar() -> ModelChoice | None:
             help="Special tokens (BOS, EOS, PAD) are routed alike in every text, so statistics leave them out "
             "and the token view shows them grey. Turn this on to count them too.",
         )
+    if choice is None and model_failure():  # where the person is looking, not only in the sidebar
+        st.error(f"The model could not be loaded: {model_failure()} Pick another model in the sidebar; "
+                 "a trace file opens without one.")
     return choice
 
 
@@ -137,11 +146,8 @@ def _model_picker() -> ModelChoice | None:
             "above, which is also the compute dtype. It is for big models on a GPU: on the CPU it is "
             "slower than 16-bit.",
         )]
-    try:
-        show_estimate(cached_estimate(source, device, dtype), quantization)
-        loaded = cached_model(source, device, dtype, quantization)
-    except (ModelLoadError, NoRoutersError) as error:
-        st.error(str(error))
+    loaded = _load_once(source, device, dtype, quantization)
+    if loaded is None:
         return None
     context = context_length(loaded.model.config)
     default = min(DEFAULT_MAX_TOKENS, context or DEFAULT_MAX_TOKENS)
@@ -154,6 +160,83 @@ def _model_picker() -> ModelChoice | None:
     ))
     show_model_summary(loaded)
     return ModelChoice(source, device, dtype, max_tokens, quantization, context)
+
+
+MODEL_FAILURES = "model_failures"  # session key: {(source, device, dtype, quantization): why it failed}
+HUB_CHECK_SECONDS = 3.0
+
+
+def _load_once(source: str, device: str, dtype: str, quantization: str) -> LoadedModel | None:
+    """The model, or None after saying why not. A failure is remembered for the session, so a
+    rerun (any widget change) does not pay for it again; "Try again" forgets it."""
+    failures = st.session_state.setdefault(MODEL_FAILURES, {})
+    attempt = (source, device, dtype, quantization)
+    if attempt not in failures:
+        try:
+            unreachable = hub_unreachable(source)
+            if unreachable:
+                raise ModelLoadError(unreachable)
+            show_estimate(cached_estimate(source, device, dtype), quantization)
+            return cached_model(source, device, dtype, quantization)
+        except (ModelLoadError, NoRoutersError) as error:
+            failures[attempt] = str(error)
+    st.error(failures[attempt])
+    if st.button("Try again", key="model_retry"):
+        del failures[attempt]
+        st.rerun()
+    return None
+
+
+def model_failure() -> str | None:
+    """Why the model the sidebar names could not be loaded in this session, or None."""
+    failures = st.session_state.get(MODEL_FAILURES, {})
+    attempt = (st.session_state.get("model_source", "").strip(), st.session_state.get("model_device"),
+               st.session_state.get("model_dtype"))
+    return next((why for key, why in failures.items() if key[:3] == attempt), None)
+
+
+def hub_unreachable(source: str, timeout: float = HUB_CHECK_SECONDS) -> str | None:
+    """Why hub id `source` cannot be fetched now, or None (a local folder, a model in the local
+    cache, or a reachable hub). Honours HF_HUB_OFFLINE; otherwise one connection to the hub
+    within `timeout` seconds, instead of transformers' retries (48 s measured with no network)."""
+    if _looks_local(source):
+        return None
+    try:
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return None
+    except ValueError:  # not a hub id either: load_model says what a source must be
+        return None
+    if hf_constants.is_offline_mode():
+        return (f"{source!r} is not in the local model cache and HF_HUB_OFFLINE is set, so moeviz does not "
+                "download it. Give a local folder, or unset HF_HUB_OFFLINE on a machine with network access.")
+    if not endpoint_reachable(hf_constants.ENDPOINT, timeout):
+        return (f"The model hub ({hf_constants.ENDPOINT}) did not answer within {timeout:g} s, and {source!r} is "
+                "not in the local cache. Check the network (or HF_ENDPOINT), or give a local model folder.")
+    return None
+
+
+def _looks_local(source: str) -> bool:
+    path = Path(source).expanduser()
+    return path.is_absolute() or source.startswith((".", "~")) or path.exists()
+
+
+def endpoint_reachable(url: str, timeout: float) -> bool:
+    """True when a TCP connection to `url`'s host opens within `timeout` seconds (name lookup
+    included: it runs in a thread, since `getaddrinfo` has no timeout of its own)."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+
+    def connect() -> None:
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        pool.submit(connect).result(timeout=timeout)
+        return True
+    except (OSError, FutureTimeout):
+        return False
+    finally:
+        pool.shutdown(wait=False)
 
 
 def show_estimate(plan: MemoryPlan, quantization: str) -> None:
@@ -189,22 +272,56 @@ def presets() -> dict[str, str]:
     return {path.stem: path.read_text(encoding="utf-8") for path in sorted(SAMPLES.glob("*.txt"))}
 
 
+OWN_TEXT = "(your own text)"
+
+
 def text_input(key: str, label: str = "Text", default_preset: str | None = None) -> str:
     """A preset picker and a text area; choosing a preset fills the area, which stays editable.
-    The text outlives the widget (Streamlit forgets a widget's state when a rerun skips it,
-    e.g. while another source is selected)."""
+    Editing the text switches the picker to "(your own text)", and that text is kept: choosing
+    a preset and then "(your own text)" again brings it back. The choice and the text survive
+    visits to other pages, and the preset's name is in the URL (never the text)."""
     samples = presets()
-    names = ["(your own text)"] + list(samples)
-    index = names.index(default_preset) if default_preset in names else 0
-    preset = st.selectbox(f"{label}: preset", names, index=index, key=f"{key}_preset")
-    kept = f"{key}_kept"
-    if st.session_state.get(f"{key}_loaded_preset") != preset:
-        st.session_state[f"{key}_loaded_preset"] = preset
-        st.session_state[key] = samples.get(preset, st.session_state.get(kept, ""))
-    elif key not in st.session_state:
-        st.session_state[key] = st.session_state.get(kept, "")
-    st.session_state[kept] = st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse")
-    return st.session_state[kept]
+    names = [OWN_TEXT, *samples]
+    preset_key, own, url = f"{key}_preset", f"{key}_own", url_preset_name(key)
+    from_url = st.query_params.get(url)
+    start = from_url if from_url in samples else default_preset if default_preset in names else OWN_TEXT
+    keep_widget_state(preset_key, start)
+    keep_widget_state(key, samples.get(st.session_state[preset_key], st.session_state.get(own, "")))
+
+    def preset_chosen() -> None:
+        st.session_state[key] = samples.get(st.session_state[preset_key], st.session_state.get(own, ""))
+
+    def text_edited() -> None:
+        if st.session_state[key] != samples.get(st.session_state[preset_key]):
+            st.session_state[own] = st.session_state[key]
+            st.session_state[preset_key] = OWN_TEXT
+
+    preset = st.selectbox(f"{label}: preset", names, key=preset_key, on_change=preset_chosen)
+    text = st.text_area(label, key=key, height=150, placeholder="Paste or type text to analyse", on_change=text_edited)
+    remember_widget_state(preset_key, key)
+    if preset in (OWN_TEXT, default_preset):  # the page's default needs no parameter
+        st.query_params.pop(url, None)
+    else:
+        st.query_params[url] = preset
+    return text
+
+
+def url_preset_name(key: str) -> str:
+    """The URL parameter of a text input's preset: "preset" for a page's text, else per input."""
+    return "preset" if key.endswith("_text") else f"{key}_preset"
+
+
+def keep_widget_state(key: str, default) -> None:
+    """Give widget `key` its value from before a visit to another page (Streamlit drops the state
+    of widgets a run does not draw), else `default`. Call before drawing the widget."""
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state.get(f"{key}_kept", default)
+
+
+def remember_widget_state(*keys: str) -> None:
+    """Keep widgets' values where Streamlit does not drop them (see `keep_widget_state`)."""
+    for key in keys:
+        st.session_state[f"{key}_kept"] = st.session_state[key]
 
 
 SOURCES = ("Text", "Generate from a prompt", "Trace file")
@@ -214,7 +331,9 @@ def trace_from_source(choice: ModelChoice | None, key: str, default_preset: str 
                       label: str = "Text") -> RoutingTrace | None:
     """A trace from pasted text, from a generation, or from an uploaded trace file (which
     needs no model). Returns None after telling the person what is missing or wrong."""
+    keep_widget_state(f"{key}_source", SOURCES[0])
     source = st.radio("Source", SOURCES, horizontal=True, key=f"{key}_source", label_visibility="collapsed")
+    remember_widget_state(f"{key}_source")
     if source == "Trace file":
         return uploaded_trace(key)
     if choice is None:
@@ -249,17 +368,32 @@ def generated_trace(choice: ModelChoice, key: str) -> RoutingTrace | None:
 
 
 def uploaded_trace(key: str) -> RoutingTrace | None:
-    upload = st.file_uploader("Trace file saved by moeviz (.safetensors)", type=["safetensors"], key=f"{key}_file")
-    if upload is None:
+    """The trace file uploaded here, kept for the session: it is still open after a visit to
+    another page (Streamlit's uploader forgets its file then) until another file replaces it
+    or the person removes it."""
+    file_key, kept = f"{key}_file", f"{key}_upload"
+
+    def changed() -> None:
+        upload = st.session_state[file_key]
+        st.session_state[kept] = (upload.name, upload.getvalue()) if upload is not None else None
+
+    upload = st.file_uploader("Trace file saved by moeviz (.safetensors)", type=["safetensors"], key=file_key,
+                              on_change=changed)
+    if upload is not None:
+        name, data = upload.name, upload.getvalue()
+    elif st.session_state.get(kept):
+        name, data = st.session_state[kept]
+        st.caption(f"Still open: {name}, uploaded earlier. Upload another file to replace it.")
+    else:
         st.info("Open a trace file downloaded from moeviz or written by `moeviz trace`: no model is needed.")
         return None
     try:
-        trace = RoutingTrace.from_bytes(upload.getvalue())
+        trace = RoutingTrace.from_bytes(data)
     except TraceFileError as error:
-        st.error(f"{upload.name}: {error}")
+        st.error(f"{name}: {error}")
         return None
     engine = f" Expert ids recorded by {ENGINE_NAMES.get(trace.engine, trace.engine)}." if trace.engine else ""
-    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {upload.name}.{engine}")
+    st.caption(f"Trace of **{trace.model_id}** ({trace.model_type}), opened from {name}.{engine}")
     show_token_count(trace)
     return trace
 
@@ -396,29 +530,54 @@ def load_title(picks: int, where: str) -> str:
 
 
 def layer_picker(trace: RoutingTrace, key: str, label: str = "Layer") -> int:
+    """A layer slider, its layer in the URL (`?layer=3`), so a link reopens the same view."""
     if len(trace.layer_ids) == 1:
         return trace.layer_ids[0]
     # The key carries the layer ids, so a model with other layers starts a fresh slider.
-    return st.select_slider(label, options=trace.layer_ids, format_func=trace.layer_label,
-                            key=f"{key}-{trace.layer_ids}")
+    slider = f"{key}-{trace.layer_ids}"
+    wanted = st.query_params.get("layer", "")
+    if slider not in st.session_state and wanted.isdigit() and int(wanted) in trace.layer_ids:
+        st.session_state[slider] = int(wanted)  # a shared link opens at its layer
+    layer = st.select_slider(label, options=trace.layer_ids, format_func=trace.layer_label, key=slider)
+    st.query_params["layer"] = str(layer)
+    return layer
 
 
 def show_figure(fig, key: str) -> None:
-    """A chart with a CSV download of the data it plots."""
+    """A chart with a CSV download of the data it plots (`charts.figure_table`); a chart of one
+    layer names it in the file, e.g. probabilities-layer-3.csv."""
     st.plotly_chart(fig, key=key, width="stretch")
     st.download_button(
         # A callable: the CSV is built when someone clicks, not on every rerun (a slider move).
-        "Download data (CSV)", lambda: charts.figure_table(fig).to_csv(index=False), file_name=f"{key}.csv",
+        "Download data (CSV)", lambda: charts.figure_table(fig).to_csv(index=False), file_name=figure_file_name(fig, key),
         mime="text/csv", key=f"{key}_csv", on_click="ignore",
     )
 
 
+def figure_file_name(fig, key: str) -> str:
+    meta = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    return f"{key}-layer-{meta['layer']}.csv" if "layer" in meta else f"{key}.csv"
+
+
 def trace_download(trace: RoutingTrace, key: str) -> None:
+    """The trace file, and the per-token table (`tables.token_table`) as CSV and Parquet."""
     st.download_button(
         "Download trace file", trace.to_bytes(), file_name="routing-trace.safetensors",
         mime="application/octet-stream", key=key, on_click="ignore",
         help="All of this analysis as one safetensors file (no pickle).",
     )
+    full = trace.has_scores and st.checkbox(
+        "Add the full router distribution to the table", key=f"{key}_full",
+        help=f"One column per expert (router_prob_0 … router_prob_{trace.num_experts - 1}) on every row.")
+    described = ("One row per token × layer × top-k rank: position, token_id, token (raw text), layer, layer_label, "
+            "rank, expert, weight, router_prob" + ("" if trace.has_scores else " (empty: this trace has no scores)"))
+    csv, parquet = st.columns(2)
+    csv.download_button("Download per-token table (CSV)", lambda: tables.to_csv(tables.token_table(trace, full)),
+                        file_name="routing-tokens.csv", mime="text/csv", key=f"{key}_table_csv", on_click="ignore",
+                        help=described)
+    parquet.download_button("Download per-token table (Parquet)", lambda: tables.to_parquet(tables.token_table(trace, full)),
+                            file_name="routing-tokens.parquet", mime="application/vnd.apache.parquet",
+                            key=f"{key}_table_parquet", on_click="ignore", help=described)
 
 
 REPEAT_LABELS = {

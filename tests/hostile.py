@@ -45,6 +45,7 @@ class TokenView(HTMLParser):
         self.tags: set[str] = set()
         self.attributes: set[str] = set()
         self.tokens: list[str] = []
+        self.positions: list[tuple[int, int]] = []  # first and last token of each span
         self._depth = 0  # > 0 inside a token span
         self.feed(html)
         self.close()
@@ -56,6 +57,8 @@ class TokenView(HTMLParser):
             self._depth += tag != "br"
         elif tag == "span" and "moeviz-token" in (dict(attrs).get("class") or "").split():
             self.tokens.append("")
+            first, last = dict(attrs)["data-positions"].split("-")
+            self.positions.append((int(first), int(last)))
             self._depth = 1
 
     def handle_endtag(self, tag):

@@ -402,35 +402,50 @@ def test_js_matrix_heatmap_annotated_with_escaped_labels():
 
 
 def test_figure_table_of_probability_heatmap(trace):
+    """Named columns, integer ids, the layer, and tokens in their raw text (issue 14, item 5)."""
     fig = probability_heatmap(trace, 1)
     table = figure_table(fig)
-    heat = table[table.trace == "router probability"]
+    assert table.columns.tolist() == ["layer", "layer_label", "series", "position", "expert", "router_probability",
+                                      "token", "choice", "weight"]
+    assert set(table.layer) == {1} and set(table.layer_label) == {"layer 1"}
+    heat = table[table.series == "router probability"]
     assert len(heat) == 4 * 5
-    assert heat.x.tolist() == list(range(5)) * 4
-    assert heat.y.tolist() == [e for e in range(4) for _ in range(5)]
-    np.testing.assert_allclose(heat.z, trace.router_probs[0].T.reshape(-1))
-    assert heat.token.tolist() == ["<s>", SCRIPT, "↵", " cat", IMG] * 4
+    assert heat.position.tolist() == list(range(5)) * 4
+    assert heat.expert.tolist() == [e for e in range(4) for _ in range(5)]
+    np.testing.assert_allclose(heat.router_probability, trace.router_probs[0].T.reshape(-1))
+    assert heat.token.tolist() == trace.tokens * 4  # raw text: "\n", not the glyph ↵
+    assert "↵" not in heat.token.tolist() and "\n" in heat.token.tolist()
 
-    picks = table[table.trace == "top-k picks"]
-    assert list(zip(picks.x, picks.y)) == list(zip(fig.data[1].x.tolist(), fig.data[1].y.tolist()))
+    picks = table[table.series == "top-k picks"]
+    assert list(zip(picks.position, picks.expert)) == list(zip(fig.data[1].x.tolist(), fig.data[1].y.tolist()))
     assert picks.choice.tolist() == [1, 2] * 5
     np.testing.assert_allclose(picks.weight.astype(float), np.ravel(TOPK_WEIGHTS[0]), rtol=1e-6)
-    assert picks.z.isna().all()
-    assert "\ntop-k picks,0,0,,<s>,1,0.6" in table.to_csv(index=False)
+    assert picks.router_probability.isna().all()
+    assert table.expert.dtype == "Int64" and table.position.dtype == "Int64" and table.choice.dtype == "Int64"
+    assert "\n1,layer 1,top-k picks,0,0,,<s>,1,0.6" in table.to_csv(index=False)
 
 
 def test_figure_table_of_load_and_layer_charts(trace):
+    """No uniform-line points, integer expert ids (not 0.0) (issue 14, item 5)."""
     table = figure_table(expert_load_chart([0.4, 0.1, 0.3, 0.2], 0.25))
-    assert table.columns.tolist() == ["trace", "x", "y"]
-    assert table.values.tolist() == [
-        ["load", 0, 0.4], ["load", 1, 0.1], ["load", 2, 0.3], ["load", 3, 0.2],
-        ["uniform (0.25)", -0.5, 0.25], ["uniform (0.25)", 3.5, 0.25],
-    ]
+    assert table.columns.tolist() == ["expert", "expert_load"]
+    assert table.values.tolist() == [[0, 0.4], [1, 0.1], [2, 0.3], [3, 0.2]]
+    assert table.to_csv(index=False) == "expert,expert_load\n0,0.4\n1,0.1\n2,0.3\n3,0.2\n"
     load = np.arange(8.0).reshape(2, 4)
     table = figure_table(layer_load_heatmap(trace, load, 0.25))
+    assert table.columns.tolist() == ["expert", "layer_label", "load"]
     assert len(table) == 16
-    assert table[table.y == "layer 3"].z.tolist() == [4.0, 5.0, 6.0, 7.0]
-    assert table[table.y == "layer 2 (dense)"].z.isna().all()
+    assert table[table.layer_label == "layer 3"].load.tolist() == [4.0, 5.0, 6.0, 7.0]
+    assert table[table.layer_label == "layer 2 (dense)"].load.isna().all()
+
+
+def test_figure_table_of_coactivation_and_load_comparison():
+    table = figure_table(coactivation_heatmap(np.array([[3, 1], [1, 2]])))
+    assert table.columns.tolist() == ["expert", "with_expert", "tokens"]
+    assert table.values.tolist() == [[0, 0, 3], [1, 0, 1], [0, 1, 1], [1, 1, 2]]
+    table = figure_table(load_comparison_chart({"a": [0.5, 0.5], "b": [1.0, 0.0]}, 0.5))
+    assert table.columns.tolist() == ["series", "expert", "expert_load"]
+    assert table.values.tolist() == [["a", 0, 0.5], ["a", 1, 0.5], ["b", 0, 1.0], ["b", 1, 0.0]]
 
 
 def test_figure_table_of_sankey_and_js_matrix(walk):
@@ -440,7 +455,7 @@ def test_figure_table_of_sankey_and_js_matrix(walk):
         ("L0 e0", "L1 e1"): 2, ("L0 e1", "L1 e1"): 1, ("L0 e2", "L1 e0"): 1
     }
     table = figure_table(js_matrix_heatmap(["a", "<s>"], [[0.0, 0.3], [0.3, 0.0]]))
-    assert table[["x", "y", "z"]].values.tolist() == [
+    assert table[["label", "other_label", "js_divergence_bits"]].values.tolist() == [
         ["a", "a", 0.0], ["<s>", "a", 0.3], ["a", "<s>", 0.3], ["<s>", "<s>", 0.0]
     ]
 
@@ -549,3 +564,43 @@ def test_comparison_titles_say_what_they_show():
     assert js_matrix_heatmap(["a", "b"], np.zeros((2, 2)), title="t").layout.title.text == "t"
     loads = load_comparison_chart({"a": [0.5, 0.5]}, 0.5, title="Share of tokens per expert, first choice")
     assert loads.layout.title.text == "Share of tokens per expert, first choice"
+
+
+# -- text as people read it (issue 14, item 3) ----------------------------------------------------
+
+
+def test_byte_level_pieces_of_chinese_and_emoji_are_drawn_as_their_characters(tiny_mixtral, tokenizer):
+    """The byte-level BPE fixture splits 今, 天 and 😀 into UTF-8 bytes, each token alone
+    `\\xNN`; the token view draws the characters, one span per run, the pieces in the tooltip."""
+    from moeviz.model.capture import trace_text
+    from moeviz.views.charts import character_runs
+
+    trace = trace_text(tiny_mixtral, tokenizer, "今天 ok 😀!", model_id="tiny")
+    assert trace.tokens == ["\\xe4", "\\xbb", "\\x8a", "\\xe5", "\\xa4", "\\xa9", " ", "o", "k", " ",
+                            "\\xf0", "\\x9f", "\\x98", "\\x80", "!"]
+    assert character_runs(trace) == [(0, 3, "今"), (3, 6, "天"), (6, 7, None), (7, 8, None), (8, 9, None),
+                                     (9, 10, None), (10, 14, "😀"), (14, 15, None)]
+    layer = trace.layer_ids[0]
+    parsed = _parse(token_view_html(trace, layer))
+    assert [t["text"] for t in parsed.tokens] == ["今", "天", "␣", "o", "k", "␣", "😀", "!"]
+    first = trace.topk_ids[0]
+    weights = trace.topk_weights[0]
+    assert parsed.tokens[0]["title"] == "今 from 3 byte-level tokens:\n" + "\n".join(
+        f"{trace.tokens[p]} → " + " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(first[p], weights[p]))
+        for p in range(3))
+    assert parsed.tokens[0]["background"] == expert_colors(trace.num_experts)[first[0][0]]
+    page = token_view_html(trace, layer)
+    assert 'class="moeviz-token moeviz-pieces" data-positions="10-13"' in page
+    assert 'data-positions="14-14"' in page
+
+
+def test_bytes_stay_raw_where_no_character_forms(tiny_mixtral, tokenizer):
+    from moeviz.model.capture import trace_text
+    from moeviz.views.charts import character_runs
+
+    # A text that literally holds the escape is not a byte; a lone lead byte forms nothing.
+    literal = trace_text(tiny_mixtral, tokenizer, "a \\xe4\\xbb\\x8a b", model_id="tiny")
+    assert all(characters is None for _, _, characters in character_runs(literal))
+    cut = make_trace(np.zeros((1, 2, 1)), tokens=["\\xe4\\xbb", "x"], num_experts=2)
+    assert character_runs(cut) == [(0, 1, None), (1, 2, None)]
+    assert [t["text"] for t in _parse(token_view_html(cut, 0)).tokens] == ["\\xe4\\xbb", "x"]

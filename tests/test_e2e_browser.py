@@ -138,7 +138,8 @@ def test_analyse_page_shows_the_routing_of_the_default_preset(tab, model):
         tab.page.locator(".st-key-expert_load_csv button").click()
     table = pd.read_csv(download.value.path())
     assert download.value.suggested_filename == "expert_load.csv"
-    np.testing.assert_allclose(table[table.trace == "load"].y, metrics.expert_load(metrics.counted(trace), 1)[0], atol=1e-9)
+    assert table.columns.tolist() == ["expert", "expert_load"] and table.expert.tolist() == list(range(trace.num_experts))
+    np.testing.assert_allclose(table.expert_load, metrics.expert_load(metrics.counted(trace), 1)[0], atol=1e-9)
     tab.screenshot("analyse")
 
 
@@ -507,3 +508,32 @@ def test_intervene_page_shows_the_library_result(tab, model):
     (bars,) = tab.figures()["intervene_routing"]
     np.testing.assert_allclose(bars["y"], effects.experts_changed(expected.baseline, expected.changed), atol=1e-9)
     tab.screenshot("intervene")
+
+
+def test_link_state_across_pages_and_the_per_token_table(tab, model):
+    """Issue 14, items 4-5: a link reopens preset and layer; own text and the preset box survive
+    a visit to another page; the per-token CSV holds the trace's values."""
+    from moeviz.analysis import tables
+
+    tab.open("?preset=math&layer=2")
+    assert tab.text_value("analyse_text") == presets()["math"]
+    trace = expected_trace(model, presets()["math"])
+    assert_routing_shown(tab, trace, 2)
+    with tab.page.expect_download() as download:
+        tab.page.locator(".st-key-analyse_trace_file_table_csv button").first.click()
+    assert download.value.suggested_filename == "routing-tokens.csv"
+    table = pd.read_csv(download.value.path(), keep_default_na=False, na_values=[""])
+    expected = tables.token_table(trace)
+    assert table.columns.tolist() == tables.COLUMNS
+    for column in ("position", "token_id", "token", "layer", "layer_label", "rank", "expert"):
+        assert table[column].tolist() == expected[column].tolist(), column
+    np.testing.assert_allclose(table.weight, expected.weight, atol=1e-6)
+    np.testing.assert_allclose(table.router_prob, expected.router_prob, atol=1e-5)
+
+    own = "Experts, my own words."
+    tab.enter_text("analyse_text", own)
+    assert "preset=" not in tab.page.url  # the box says "(your own text)"; the text never goes in the URL
+    assert "Experts" not in tab.page.url
+    tab.act(lambda: tab.page.get_by_role("link", name="Compare layers").click())
+    tab.act(lambda: tab.page.get_by_role("link", name="Analyse text").click())
+    assert tab.text_value("analyse_text") == own

@@ -55,8 +55,10 @@ def test_hostile_text_is_traced_and_shown_literally_never_as_markup(model, name)
     html = charts.token_view_html(trace, layer)
     view = TokenView(html)
     assert view.tags <= VIEW_TAGS, f"markup from the text became tags: {view.tags - VIEW_TAGS}"
-    assert view.attributes <= {"class", "title", "style"}
-    assert len(view.tokens) == trace.num_tokens and all(view.tokens)
+    assert view.attributes <= {"class", "title", "style", "data-positions"}
+    # One span per token, or per run of byte-level tokens forming characters: every token once, in order.
+    assert [p for first, last in view.positions for p in range(first, last + 1)] == list(range(trace.num_tokens))
+    assert all(view.tokens)
     # Nothing invisible reaches the page raw: NUL, a right-to-left override or a zero-width
     # joiner would hide or reorder what the model saw.
     hidden = {ch for ch in html if unicodedata.category(ch) in ("Cc", "Cf") and ch != "\n"}

@@ -113,9 +113,9 @@ def test_bias_chart_shows_each_expert_bias_in_its_colour():
 
 def test_figure_tables_carry_the_plotted_numbers(model, capped):
     table = figure_table(policy_load_chart(model, capped))
-    dropped = table[table.trace == "dropped (over capacity)"]
-    assert dropped.x.tolist() == [0, 1, 2]
-    np.testing.assert_allclose(dropped.y, [0.5, 0, 0])
+    dropped = table[table.series == "dropped (over capacity)"]
+    assert dropped.expert.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(dropped.share_of_tokens, [0.5, 0, 0])
 
 
 # -- token view ----------------------------------------------------------------------------------

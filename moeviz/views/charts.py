@@ -15,6 +15,7 @@ from __future__ import annotations
 import colorsys
 import html
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -90,6 +91,47 @@ def _visible_chars(token: str) -> list[str]:
 
 
 _EMPTY_TOKEN = "∅"  # an empty token would be an invisible, unhoverable label
+_BYTE_ESCAPE = re.compile(r"\\x([89a-f][0-9a-f])")  # a byte of partial UTF-8, as moeviz.model.tokens writes it
+_MAX_PIECES = 8  # byte-level pieces that may form characters together (a UTF-8 character has at most 4 bytes)
+
+
+def character_runs(trace: RoutingTrace) -> list[tuple[int, int, str | None]]:
+    """The tokens grouped as people read the text: (first, end, characters) for each run of
+    byte-level pieces that together form whole characters (Chinese, emoji split over tokens,
+    each shown alone as `\\xNN` bytes), and (i, i + 1, None) for every other token.
+
+    A run is kept only where its decoded characters are the text its tokens' offsets span, so
+    a text that literally contains "\\xe4" is never mistaken for a byte.
+    """
+    runs, i = [], 0
+    while i < trace.num_tokens:
+        end, characters = _character_run(trace, i)
+        runs.append((i, end, characters))
+        i = end
+    return runs
+
+
+def _character_run(trace: RoutingTrace, first: int) -> tuple[int, str | None]:
+    if not _BYTE_ESCAPE.search(trace.tokens[first]):
+        return first + 1, None
+    data = b""
+    for end in range(first, min(first + _MAX_PIECES, trace.num_tokens)):
+        data += _token_bytes(trace.tokens[end])
+        try:
+            characters = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        start, stop = trace.offsets[first][0], trace.offsets[end][1]
+        return (end + 1, characters) if end > first and trace.text[start:stop] == characters else (first + 1, None)
+    return first + 1, None
+
+
+def _token_bytes(token: str) -> bytes:
+    """The UTF-8 bytes a token stands for, its `\\xNN` escapes read back as bytes."""
+    parts = _BYTE_ESCAPE.split(token)  # text, hex, text, hex, ..., text
+    return b"".join(bytes([int(part, 16)]) if n % 2 else part.encode("utf-8") for n, part in enumerate(parts))
+
+
 
 
 def _plotly_escape(text: str) -> str:
@@ -180,7 +222,7 @@ def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
         colorscale="Blues",
         colorbar=dict(title=dict(text=score, side="right")),
         name=score,
-        meta=dict(customdata=["token"]),
+        meta=dict(customdata=["token"], columns=dict(x="position", y="expert", z=_column_name(score))),
         hovertemplate=position + "%{customdata}<br>expert %{y}<br>" + score + " %{z:.3f}<extra></extra>",
     )
 
@@ -201,7 +243,7 @@ def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
             line=dict(color="white", width=1),
         ),
         customdata=picks_data,
-        meta=dict(customdata=["token", "choice", "weight"]),
+        meta=dict(customdata=["token", "choice", "weight"], columns=dict(x="position", y="expert")),
         hovertemplate=position + "%{customdata[0]}<br>expert %{y} (choice %{customdata[1]})"
         "<br>weight %{customdata[2]:.3f}<extra></extra>",
     )
@@ -218,6 +260,7 @@ def probability_heatmap(trace: RoutingTrace, layer_id: int) -> go.Figure:
         yaxis=dict(expert_axis(num_experts), range=[num_experts - 0.5, -0.5]),  # expert 0 on top
         height=min(900, 360 + 8 * num_experts),
         legend=dict(orientation="h", yanchor="bottom", y=1.02, xanchor="right", x=1),
+        meta=dict(layer=layer_id, layer_label=trace.layer_label(layer_id), tokens=list(trace.tokens)),  # for the CSV
     )
     if trace.generated:
         fig.add_vline(x=trace.generated_from - 0.5, line=dict(color="#d62728", dash="dot", width=2),
@@ -241,27 +284,39 @@ def token_view_html(trace: RoutingTrace, layer_id: int, left_out=None) -> str:
     if left_out.shape != (trace.num_tokens,):
         raise ValueError(f"left_out has shape {left_out.shape}; expected one flag per token ({trace.num_tokens},)")
 
+    def routing(position: int) -> str:
+        if weights[position] is None:
+            return " · ".join(f"expert {e}" for e in ids[position])
+        return " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(ids[position], weights[position]))
+
+    def background(position: int) -> str:
+        return _LEFT_OUT_GREY if left_out[position] else colors[ids[position][0]]
+
     spans = []
-    for position, (token, token_ids, token_weights) in enumerate(zip(trace.tokens, ids, weights)):
-        background = _LEFT_OUT_GREY if left_out[position] else colors[token_ids[0]]
-        if token_weights is None:
-            title = " · ".join(f"expert {e}" for e in token_ids)
-        else:
-            title = " · ".join(f"expert {e}: {w:.2f}" for e, w in zip(token_ids, token_weights))
-        if left_out[position]:
-            title = "special token, left out of the statistics · " + title
-        text = "".join(
+    for first, end, characters in character_runs(trace):
+        positions = range(first, end)
+        if characters is None:
+            title = ("special token, left out of the statistics · " if left_out[first] else "") + routing(first)
+            text = trace.tokens[first]
+        else:  # byte-level pieces drawn as the characters they form; the tooltip lists each piece
+            title = f"{''.join(_visible_chars(characters))} from {end - first} byte-level tokens:\n" + "\n".join(
+                f"{trace.tokens[p]} → {routing(p)}" for p in positions)
+            text = characters
+        shown = "".join(
             html.escape(visible, quote=True) + ("<br>" if ch == "\n" else "")
-            for ch, visible in zip(token, _visible_chars(token))
+            for ch, visible in zip(text, _visible_chars(text))
         ) or _EMPTY_TOKEN
-        text = text.replace("$", "&#36;")  # st.markdown would typeset $...$ as LaTeX
-        generated = trace.generated and position >= trace.generated_from
-        classes = "moeviz-token" + (" moeviz-generated" if generated else "") + (" moeviz-left-out" if left_out[position] else "")
+        shown = shown.replace("$", "&#36;")  # st.markdown would typeset $...$ as LaTeX
+        grey = any(left_out[p] for p in positions)
+        generated = trace.generated and end > trace.generated_from
+        classes = ("moeviz-token" + (" moeviz-pieces" if characters is not None else "")
+                   + (" moeviz-generated" if generated else "") + (" moeviz-left-out" if grey else ""))
         spans.append(
-            f'<span class="{classes}" '
+            f'<span class="{classes}" data-positions="{first}-{end - 1}" '
             f'title="{html.escape(title, quote=True)}" '
-            f'style="background-color:{background};color:{"#666666" if left_out[position] else _text_color(background)};'
-            f'padding:1px 1px;border-radius:3px{_GENERATED_STYLE if generated else ""}">{text}</span>'
+            f'style="background-color:{background(first)};{_stripes([background(p) for p in positions])}'
+            f'color:{"#666666" if grey else _text_color(background(first))};'
+            f'padding:1px 1px;border-radius:3px{_GENERATED_STYLE if generated else ""}">{shown}</span>'
         )
 
     first, counts = np.unique(trace.first_choice[layer][~left_out], return_counts=True)
@@ -290,6 +345,15 @@ def token_view_html(trace: RoutingTrace, layer_id: int, left_out=None) -> str:
     )
 
 
+def _stripes(backgrounds: list[str]) -> str:
+    """One vertical stripe per token's colour where the tokens of one character disagree."""
+    if len(set(backgrounds)) == 1:
+        return ""
+    width = 100 / len(backgrounds)
+    stops = ",".join(f"{c} {i * width:.1f}% {(i + 1) * width:.1f}%" for i, c in enumerate(backgrounds))
+    return f"background-image:linear-gradient(90deg,{stops});"
+
+
 # -- expert load ---------------------------------------------------------------------------
 
 
@@ -302,6 +366,7 @@ def _uniform_line(uniform: float, num_experts: int) -> go.Scatter:
         name=f"uniform ({uniform:.3g})",
         line=_UNIFORM_LINE,
         hovertemplate=f"uniform {uniform:.3f}<extra></extra>",
+        meta=dict(helper=True),  # a reference line, not data: left out of the CSV
     )
 
 
@@ -404,6 +469,7 @@ def layer_load_heatmap(trace: RoutingTrace, load, uniform: float) -> go.Figure:
             zmax=top,
             hoverongaps=False,
             name="expert load",
+            meta=dict(columns=dict(x="expert", y="layer_label", z="load")),
             colorbar=dict(title=dict(text=f"load (uniform {uniform:.3g})", side="right")),
             hovertemplate="%{y}<br>expert %{x}<br>load %{z:.3f}<extra></extra>",
         )
@@ -490,6 +556,7 @@ def coactivation_heatmap(matrix) -> go.Figure:
             zmin=0,
             zmax=float(top),
             name="co-activation",
+            meta=dict(columns=dict(x="expert", y="with_expert", z="tokens")),
             colorbar=dict(title=dict(text="tokens", side="right")),
             hovertemplate="expert %{y} with expert %{x}<br>%{z} tokens<extra></extra>",
         )
@@ -585,6 +652,7 @@ def js_matrix_heatmap(labels: list[str], matrix,
             zmin=0,
             texttemplate="%{z:.3f}",
             name="JS divergence",
+            meta=dict(columns=dict(x="label", y="other_label", z="js_divergence_bits")),
             colorbar=dict(title=dict(text="JS divergence (bits)", side="right")),
             hovertemplate="%{y}<br>%{x}<br>JS divergence %{z:.4f} bits<extra></extra>",
         )
@@ -600,51 +668,95 @@ def js_matrix_heatmap(labels: list[str], matrix,
 # -- data behind a figure -------------------------------------------------------------------
 
 
-def figure_table(fig: go.Figure) -> pd.DataFrame:
-    """The data behind a figure from this module, one row per point, for a CSV download.
+ID_COLUMNS = ("position", "token_id", "expert", "with_expert", "layer", "choice", "rank")
 
-    Columns: trace, x, y, plus z for heatmaps and any named customdata (token, choice,
-    weight) with token labels unescaped to their visible form; for a Sankey: source,
-    target, value with node labels.
+
+def figure_table(fig: go.Figure) -> pd.DataFrame:
+    """The data behind a figure, one row per plotted point, for a CSV download.
+
+    Columns are named from the data: a trace's `meta["columns"]` ({"x": "position", ...}), else
+    its axis (or colour bar) title, then any named customdata (token, choice, weight); ids are
+    integers. Helper traces (`meta["helper"]`, e.g. the uniform-load line) are left out, and a
+    "series" column names the traces when there are several. A figure whose `layout.meta` holds
+    "layer"/"layer_label" gets those columns; one holding "tokens" (the trace's raw token texts)
+    gets its token column in raw text, not display glyphs. A Sankey gives source, target, value.
     """
-    frames = []
-    for trace in fig.data:
-        if trace.type == "sankey":
-            labels = list(trace.node.label)
-            frames.append(
-                pd.DataFrame(
-                    {
-                        "source": [labels[s] for s in trace.link.source],
-                        "target": [labels[t] for t in trace.link.target],
-                        "value": list(trace.link.value),
-                    }
-                )
-            )
-            continue
-        if trace.type == "heatmap":
-            z = np.asarray(trace.z)
-            z = z.astype(float) if z.dtype == object else z  # None marks a gap
-            rows, cols = z.shape
-            x = np.arange(cols) if trace.x is None else np.asarray(trace.x, dtype=object)
-            y = np.arange(rows) if trace.y is None else np.asarray(trace.y, dtype=object)
-            frame = pd.DataFrame({"x": np.tile(x, rows), "y": np.repeat(y, cols), "z": z.reshape(-1)})
-            point_shape = (rows * cols,)
-        elif trace.type in ("scatter", "bar"):
-            frame = pd.DataFrame({"x": list(trace.x), "y": list(trace.y)})
-            point_shape = (len(frame),)
-        else:
-            raise ValueError(f"figure_table does not know {trace.type!r} traces")
-        names = trace.meta["customdata"] if isinstance(trace.meta, dict) else []
-        if names:
-            data = np.asarray(trace.customdata, dtype=object).reshape(point_shape + (len(names),))
-            for column, name in enumerate(names):
-                frame[name] = data[:, column]
-        frame = frame.map(_plain_text)
-        # Nullable integers stay whole where other traces leave gaps (choice 1, not 1.0).
-        frame = frame.astype({c: "Int64" for c in frame if frame[c].dtype.kind in "iu"})
-        frame.insert(0, "trace", _plain_text(trace.name or trace.type))
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    frames = [_trace_table(fig, trace) for trace in fig.data if not _meta(trace).get("helper")]
+    if not frames:
+        return pd.DataFrame()
+    if len(frames) > 1 and "source" not in frames[0]:
+        for frame, trace in zip(frames, (t for t in fig.data if not _meta(t).get("helper"))):
+            frame.insert(0, "series", _plain_text(trace.name or trace.type))
+    table = pd.concat(frames, ignore_index=True)
+    figure = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
+    if "tokens" in figure and "position" in table and "token" in table:
+        raw = np.asarray(figure["tokens"], dtype=object)
+        table["token"] = raw[table["position"].astype(int).to_numpy()]
+    for name in ("layer_label", "layer"):
+        if name in figure:
+            table.insert(0, name, figure[name])
+    # Nullable integers stay whole where other traces leave gaps (choice 1, not 1.0).
+    return table.astype({c: "Int64" for c in table if c in ID_COLUMNS and _integral(table[c])})
+
+
+def _meta(trace) -> dict:
+    return trace.meta if isinstance(trace.meta, dict) else {}
+
+
+def _trace_table(fig: go.Figure, trace) -> pd.DataFrame:
+    if trace.type == "sankey":
+        labels = list(trace.node.label)
+        return pd.DataFrame({
+            "source": [labels[s] for s in trace.link.source],
+            "target": [labels[t] for t in trace.link.target],
+            "value": list(trace.link.value),
+        })
+    names = _column_names(fig, trace)
+    if trace.type == "heatmap":
+        z = np.asarray(trace.z)
+        z = z.astype(float) if z.dtype == object else z  # None marks a gap
+        rows, cols = z.shape
+        x = np.arange(cols) if trace.x is None else np.asarray(trace.x, dtype=object)
+        y = np.arange(rows) if trace.y is None else np.asarray(trace.y, dtype=object)
+        frame = pd.DataFrame({names["x"]: np.tile(x, rows), names["y"]: np.repeat(y, cols), names["z"]: z.reshape(-1)})
+        point_shape = (rows * cols,)
+    elif trace.type in ("scatter", "bar"):
+        frame = pd.DataFrame({names["x"]: list(trace.x), names["y"]: list(trace.y)})
+        point_shape = (len(frame),)
+    else:
+        raise ValueError(f"figure_table does not know {trace.type!r} traces")
+    custom = _meta(trace).get("customdata", [])
+    if custom:
+        data = np.asarray(trace.customdata, dtype=object).reshape(point_shape + (len(custom),))
+        for column, name in enumerate(custom):
+            frame[name] = data[:, column]
+    return frame.map(_plain_text)
+
+
+def _column_names(fig: go.Figure, trace) -> dict[str, str]:
+    """x, y, z named by the trace's meta, else by the axis and colour-bar titles; distinct."""
+    declared = _meta(trace).get("columns", {})
+    titles = {
+        "x": fig.layout.xaxis.title.text,
+        "y": fig.layout.yaxis.title.text,
+        "z": trace.colorbar.title.text if trace.type == "heatmap" else None,
+    }
+    names = {}
+    for axis in ("x", "y", "z"):
+        name = declared.get(axis) or _column_name(titles[axis]) or axis
+        names[axis] = name if name not in names.values() else f"{name}_{axis}"
+    return names
+
+
+def _column_name(title: str | None) -> str:
+    """An axis title as a column name: "capacity factor α  (C = ...)" -> "capacity_factor_α"."""
+    return html.unescape(title or "").split(" (")[0].strip().replace(" ", "_")
+
+
+def _integral(column: pd.Series) -> bool:
+    values = pd.to_numeric(column, errors="coerce")
+    known = values.dropna()
+    return column.notna().sum() == len(known) and bool(np.all(np.mod(known, 1) == 0))
 
 
 def _plain_text(value):
