@@ -122,8 +122,9 @@ def allowed_path(text: str, data_dirs: tuple[Path, ...]) -> Path:
 
 
 def allowed_tree(folder: Path, data_dirs: tuple[Path, ...]) -> Path:
-    """`folder` (already allowed) if no file or link under it resolves outside `data_dirs`."""
-    for path in folder.rglob("*"):
+    """`folder` (already allowed) if none of its entries (a run's manifest and parts are all
+    at its top) resolves outside `data_dirs`."""
+    for path in folder.iterdir() if folder.is_dir() else ():
         allowed_path(str(path), data_dirs)
     return folder
 
