@@ -28,11 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the browser machinery of the e2e tests
 
-from browser import AppPage, chromium, running_app  # noqa: E402
+from browser import AppPage, chromium, running_app
 
-from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text  # noqa: E402
-from moeviz.model.loading import BUNDLED_MODEL, load_model  # noqa: E402
-from moeviz.model.tokens import context_length  # noqa: E402
+from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.model.loading import BUNDLED_MODEL, load_model
+from moeviz.model.tokens import context_length
 
 TOKEN = "load-test-token"
 SAMPLES = ROOT / "assets" / "samples"

@@ -129,6 +129,14 @@ def allowed_tree(folder: Path, data_dirs: tuple[Path, ...]) -> Path:
     return folder
 
 
+def server_folder(text: str, settings: TeamSettings) -> Path:
+    """The folder a page may open for `text`: any folder in single-user mode; in team mode one
+    inside the data folders with no entry linking out (else PathRefused)."""
+    if not settings.enabled:
+        return Path(text).expanduser()
+    return allowed_tree(allowed_path(text, settings.data_dirs), settings.data_dirs)
+
+
 def _positive(environ: Mapping[str, str], name: str, default: int) -> int:
     value = environ.get(name, "").strip()
     if not value:

@@ -122,9 +122,8 @@ def test_waiters_hear_their_place_and_a_cancelled_one_leaves():
 
 def test_an_error_in_the_body_frees_the_slot():
     queue = FairQueue(slots=1, poll_seconds=0.01)
-    with pytest.raises(RuntimeError):
-        with queue.turn():
-            raise RuntimeError("forward failed")
+    with pytest.raises(RuntimeError), queue.turn():
+        raise RuntimeError("forward failed")
     with queue.turn():
         pass
     assert queue.waiting == 0

@@ -1,12 +1,19 @@
 """Team-mode settings and the path checks that keep a shared server's files to its data folders."""
 
 import os
-from pathlib import Path
 
 import pytest
 
-from moeviz.team import (PathRefused, TeamSettings, TeamSettingsError, allowed_path, allowed_tree, parse_models,
-                         read_settings)
+from moeviz.team import (
+    PathRefused,
+    TeamSettings,
+    TeamSettingsError,
+    allowed_path,
+    allowed_tree,
+    parse_models,
+    read_settings,
+    server_folder,
+)
 
 
 def test_off_unless_asked():
@@ -96,3 +103,11 @@ def test_a_link_out_inside_a_run_folder_is_refused(shared):
 def test_no_data_folders_refuses_every_path(tmp_path):
     with pytest.raises(PathRefused, match="MOEVIZ_DATA_DIRS is empty"):
         allowed_path(str(tmp_path), ())
+
+
+def test_server_folder_is_any_folder_only_in_single_user_mode(shared):
+    data, secret = shared
+    assert server_folder(str(secret), TeamSettings()) == secret
+    with pytest.raises(PathRefused, match="outside the folders"):
+        server_folder(str(secret), TeamSettings(enabled=True, models=(("a", "b"),), data_dirs=(data,)))
+    assert server_folder("run", TeamSettings(enabled=True, data_dirs=(data,))) == data / "run"

@@ -22,7 +22,7 @@ ENV = {key: value for key, value in os.environ.items() if not key.startswith("MO
 
 
 def moeviz(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeviz", *args], env=ENV | env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "moeviz", *args], env=ENV | env, capture_output=True, text=True, check=False,
                           timeout=60)
 
 
