@@ -6,9 +6,12 @@ to the legacy automatic multipage mode, which bypasses this file's st.navigation
 
 import streamlit as st
 
+from moeviz.signin import gate
 from moeviz.ui import model_sidebar
 
 st.set_page_config(page_title="moeviz", page_icon="🔀", layout="wide")
+if not gate():  # team mode: nothing below runs before sign-in
+    st.stop()
 
 pages = st.navigation({
     "Analyse": [

@@ -1,11 +1,10 @@
 """Corpus run: expert load, Jensen-Shannon divergence and repeat rates per domain, from a run
 written by `moeviz corpus` (thousands of documents instead of one sample per domain)."""
 
-from pathlib import Path
-
 import streamlit as st
 
 from moeviz.runs import store as runs
+from moeviz.team import PathRefused, read_settings, server_folder
 from moeviz.ui import load_choices, load_title, show_figure
 from moeviz.views import charts
 
@@ -29,10 +28,10 @@ path = st.text_input("Run folder (on the machine running moeviz)", key="corpus_r
 if not path:
     st.info("Give the folder of a corpus run, e.g. one written by `moeviz corpus corpus.jsonl -o run`.")
     st.stop()
-path = str(Path(path).expanduser())
 try:
+    path = str(server_folder(path, read_settings()))  # team mode: only inside $MOEVIZ_DATA_DIRS
     run = cached_run(path, part_stamps(path))
-except runs.RunError as error:
+except (runs.RunError, PathRefused) as error:
     st.error(str(error))
     st.stop()
 

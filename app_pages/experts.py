@@ -7,6 +7,7 @@ import streamlit as st
 
 from moeviz.analysis import atlas as atlases
 from moeviz.runs import store as runs
+from moeviz.team import read_settings, server_folder
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.ui import cached_trace, presets, show_figure
 from moeviz.views import atlas_charts
@@ -53,7 +54,7 @@ def collection_atlas(choice, excluded: frozenset, phase: str) -> atlases.Atlas |
             if not path:
                 st.info("Give the folder of a corpus run, e.g. one written by `moeviz corpus corpus.jsonl -o run`.")
                 return None
-            path = str(Path(path).expanduser())
+            path = str(server_folder(path, read_settings()))  # team mode: only inside $MOEVIZ_DATA_DIRS
             stamps = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in runs.part_paths(path))
             return corpus_atlas(path, stamps, excluded)
         uploads = st.file_uploader("Trace files saved by moeviz (.safetensors)", type=["safetensors"],

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--address", default="127.0.0.1",
                        help="address to listen on (default: %(default)s; 0.0.0.0 shares the app with your network)")
     serve.add_argument("--port", type=_positive_int, default=8501, help="port (default: %(default)s)")
+    serve.add_argument("--team", action="store_true",
+                       help="serve a team: sign-in, allowlisted models and data folders, a fair queue "
+                       "(settings from $MOEVIZ_MODELS etc.; see the README, \"Serving moeviz to a team\")")
     _model_option(serve)
 
     info = _command(commands, "info", info_command, "describe a MoE model", (
@@ -412,10 +415,32 @@ def serve_command(args) -> int:
             env["MOEVIZ_MODEL"] = args.model  # a hub id
     for name, value in _load_options(args).items():
         env[LOAD_OPTIONS[name][0]] = value  # the app's sidebar starts from these
+    command = ["streamlit", "run", str(app), "--server.address", args.address, "--server.port", str(args.port)]
+    if args.team:
+        env["MOEVIZ_TEAM"] = "1"
+    command += _team_options(env)
     print(f"moeviz: serving on http://{args.address}:{args.port}", file=sys.stderr, flush=True)
     os.chdir(REPO)  # Streamlit reads .streamlit/config.toml from its working directory
-    command = ["streamlit", "run", str(app), "--server.address", args.address, "--server.port", str(args.port)]
     os.execve(sys.executable, [sys.executable, "-m", *command], env)
+
+
+def _team_options(env: dict[str, str]) -> list[str]:
+    """Streamlit options for team mode (none when it is off); refuses settings that cannot
+    serve a team safely, before the server starts."""
+    from moeviz.team import TeamSettingsError, read_settings
+
+    try:
+        settings = read_settings(env)
+    except TeamSettingsError as error:
+        raise UsageError(str(error)) from None
+    if not settings.enabled:
+        return []
+    problems = settings.problems()
+    if settings.access_token is None and not (REPO / ".streamlit" / "secrets.toml").is_file():
+        problems.append("team mode needs $MOEVIZ_ACCESS_TOKEN or an [auth] section in .streamlit/secrets.toml")
+    if problems:
+        raise UsageError("; ".join(problems))
+    return ["--server.maxUploadSize", str(settings.max_upload_mb)]
 
 
 # -- info ------------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import streamlit as st
 from huggingface_hub import constants as hf_constants
 from huggingface_hub import try_to_load_from_cache
+from streamlit.runtime.scriptrunner_utils.script_run_context import get_run_yield_check
 
 from moeviz.analysis import metrics, tables
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
@@ -30,7 +33,9 @@ from moeviz.model.loading import (
     load_model,
 )
 from moeviz.model.planning import STORAGE_NAMES, MemoryPlan, format_bytes
+from moeviz.model.queue import FairQueue
 from moeviz.model.tokens import context_length
+from moeviz.team import read_settings
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
 from moeviz.views.routing_view import routing_view_height, routing_view_html
@@ -90,18 +95,48 @@ def cached_model(source: str, device: str, dtype: str, quantization: str = "auto
         bar.empty()
 
 
-@st.cache_data(show_spinner="Running the model and capturing its routing…", max_entries=128)
+@st.cache_resource(max_entries=2)
+def cached_queue(source: str, device: str, dtype: str, quantization: str = "auto") -> FairQueue:
+    """The queue in front of the model `cached_model` holds for the same arguments."""
+    return FairQueue(slots=read_settings().concurrency)
+
+
+@contextmanager
+def model_turn(choice: ModelChoice) -> Iterator[None]:
+    """This session's turn on the model: forward passes from all sessions run one at a time
+    ($MOEVIZ_CONCURRENCY at a time in team mode), first come first served. While waiting, the
+    page shows its place; a rerun or a closed tab leaves the queue."""
+    notice = st.empty()
+
+    def show_place(place: int) -> None:
+        ahead = "1 text is" if place == 1 else f"{place:,} texts are"
+        notice.info(f"The model is busy with other people's texts: {ahead} in the queue before yours.", icon="⏳")
+
+    try:
+        with cached_queue(choice.source, choice.device, choice.dtype, choice.quantization).turn(
+                show_place, get_run_yield_check()):
+            notice.empty()
+            yield
+    finally:
+        notice.empty()
+
+
+# Bounded: a trace of 8,192 tokens through a 32-layer, 8-expert model holds about 20 MB of
+# router logits and top-k arrays; 32 + 16 entries keep the caches under about 1 GB.
+@st.cache_data(show_spinner="Running the model and capturing its routing…", max_entries=32, ttl="2h")
 def cached_trace(choice: ModelChoice, text: str) -> RoutingTrace:
     loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
-    return trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=choice.max_tokens)
+    with model_turn(choice):
+        return trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=choice.max_tokens)
 
 
-@st.cache_data(show_spinner="Generating, capturing the routing of every new token…", max_entries=64)
+@st.cache_data(show_spinner="Generating, capturing the routing of every new token…", max_entries=16, ttl="2h")
 def cached_generation(choice: ModelChoice, prompt: str, sampling: Sampling) -> RoutingTrace:
     loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
-    return trace_generation(
-        loaded.model, loaded.tokenizer, prompt, sampling, model_id=loaded.model_id, max_tokens=choice.max_tokens
-    )
+    with model_turn(choice):
+        return trace_generation(
+            loaded.model, loaded.tokenizer, prompt, sampling, model_id=loaded.model_id, max_tokens=choice.max_tokens
+        )
 
 
 def model_sidebar() -> ModelChoice | None:
@@ -124,13 +159,18 @@ def model_sidebar() -> ModelChoice | None:
 
 def _model_picker() -> ModelChoice | None:
     st.header("Model")
-    source = st.text_input(
-        "Local folder or hub id",
-        value=default_model_source(),
-        key="model_source",
-        help="The default is moeviz's own small Mixtral, bundled and offline. "
-        "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
-    ).strip()
+    team = read_settings()
+    if team.enabled:  # only the models whoever runs the server allowed
+        name = st.selectbox("Model", list(team.model_sources), key="model_name")
+        source = team.model_sources[name]
+    else:
+        source = st.text_input(
+            "Local folder or hub id",
+            value=default_model_source(),
+            key="model_source",
+            help="The default is moeviz's own small Mixtral, bundled and offline. "
+            "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
+        ).strip()
     device = st.selectbox("Device", DEVICES, index=env_default("MOEVIZ_DEVICE", DEVICES), key="model_device")
     dtype = st.selectbox("Weights dtype", list(DTYPES), index=env_default("MOEVIZ_DTYPE", list(DTYPES)),
                          key="model_dtype")
@@ -150,10 +190,11 @@ def _model_picker() -> ModelChoice | None:
     if loaded is None:
         return None
     context = context_length(loaded.model.config)
-    default = min(DEFAULT_MAX_TOKENS, context or DEFAULT_MAX_TOKENS)
+    limit = team.max_tokens if team.enabled else MAX_TOKENS_LIMIT
+    default = min(DEFAULT_MAX_TOKENS, context or DEFAULT_MAX_TOKENS, limit)
     # The key carries the default, so a model with another context starts from its own.
     max_tokens = int(st.number_input(
-        "Token limit", min_value=1, max_value=MAX_TOKENS_LIMIT, value=default, step=256, key=f"max_tokens-{default}",
+        "Token limit", min_value=1, max_value=limit, value=default, step=256, key=f"max_tokens-{default}",
         help="Longer texts are cut at this many tokens, with a notice. The default is the model's trained "
         f"context ({context:,} positions) or {DEFAULT_MAX_TOKENS:,}, whichever is smaller." if context else
         "Longer texts are cut at this many tokens, with a notice.",
