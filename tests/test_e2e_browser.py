@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import safetensors.numpy
 from browser import ARTIFACTS, AppFailed, AppPage, chromium, running_app
-from hostile import BLANK_TEXTS, HOSTILE_TEXTS, TokenView, long_text
+from hostile import BLANK_TEXTS, HOSTILE_TEXTS, long_text
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moeviz.ui
@@ -28,6 +28,7 @@ from moeviz.model.tokens import context_length
 from moeviz.trace import RoutingTrace
 from moeviz.ui import default_model_source, presets
 from moeviz.views import charts
+from moeviz.views.routing_view import routing_payload
 
 pytestmark = pytest.mark.e2e
 
@@ -99,7 +100,7 @@ def assert_view_shows(app: AppPage, trace: RoutingTrace) -> int:
     choice in the layer the view is on; returns that layer's index."""
     index = int(app.routing_view().evaluate("() => document.body.dataset.shown"))
     shown = app.token_view()
-    assert [text for text, _ in shown] == TokenView(charts.token_view_html(trace, trace.layer_ids[index])).tokens
+    assert [text for text, _ in shown] == routing_payload(trace)["labels"]  # a span per token (tests/test_routing_view.py checks the labels)
     colors = charts.expert_colors(trace.num_experts)
     assert [color for _, color in shown] == [rgb("#e8e8e8") if special else rgb(colors[e])
                                              for e, special in zip(trace.first_choice[index], trace.special)]
@@ -289,7 +290,7 @@ def test_experts_page_shows_the_atlas_of_the_domain_samples(tab, model):
     with tab.page.expect_download() as download:  # the SCH chart's data as a CSV file
         tab.page.locator(".st-key-experts_sch_csv button").click()
     table = pd.read_csv(download.value.path())
-    np.testing.assert_allclose(table[table.trace == "chance"].y, expected.segments.sch_chance)
+    np.testing.assert_allclose(table[table.series == "chance"]["SCH"], expected.segments.sch_chance)
     tab.screenshot("experts")
 
 
