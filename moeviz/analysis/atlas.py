@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from moeviz.runs.store import NO_DOMAIN, RunError, RunManifest, part_paths
+from moeviz.runs.store import NO_DOMAIN, RunError, RunManifest, finished_run
 from moeviz.trace import RoutingTrace, layer_label
 
 SEGMENT_LENGTHS = (2, 4, 8, 16, 32, 64)
@@ -415,13 +415,7 @@ def run_atlas(run_dir: str | Path, *, excluded_token_ids: frozenset[int] = froze
     is in `excluded_token_ids` (e.g. BOS) are left out; a run records no special-token ids
     itself, so the caller says which. Contexts are ranked by mixing weight (runs keep no logits).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"No corpus run at {run_dir}: give the folder `moeviz corpus -o` wrote")
-    manifest = RunManifest.read(run_dir)
-    parts = part_paths(run_dir)
-    if not parts:
-        raise RunError(f"{run_dir} has no finished part files yet")
+    manifest, parts = finished_run(run_dir)
     excluded = sorted(int(i) for i in excluded_token_ids)
     files = ", ".join(_sql_text(str(path)) for path in parts)
     with _connection() as con:

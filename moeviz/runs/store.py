@@ -147,9 +147,9 @@ class CorpusRun:
         return sum(domain.num_tokens for domain in self.domains.values())
 
 
-def read_run(run_dir: str | Path) -> CorpusRun:
-    """Read a run written by `moeviz corpus`. Raises RunError for a directory that is not a
-    run, a damaged part, or rows that do not form whole documents (missing or repeated rows)."""
+def finished_run(run_dir: str | Path) -> tuple[RunManifest, list[Path]]:
+    """The manifest and finished part files of the run in `run_dir`. Raises RunError for a
+    folder that is not a run or holds no finished part yet."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"No corpus run at {run_dir}: give the folder `moeviz corpus -o` wrote")
@@ -157,6 +157,14 @@ def read_run(run_dir: str | Path) -> CorpusRun:
     parts = part_paths(run_dir)
     if not parts:
         raise RunError(f"{run_dir} has no finished part files yet ({PART_PATTERN})")
+    return manifest, parts
+
+
+def read_run(run_dir: str | Path) -> CorpusRun:
+    """Read a run written by `moeviz corpus`. Raises RunError for a directory that is not a
+    run, a damaged part, or rows that do not form whole documents (missing or repeated rows)."""
+    run_dir = Path(run_dir)
+    manifest, parts = finished_run(run_dir)
     columns = ["doc_id", "domain", "position", "layer", "topk_ids"]
     table = pa.concat_tables(read_part(path, columns) for path in parts)
     return CorpusRun(run_dir, manifest, _domains(table, manifest))
