@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from factories import make_trace
 
+from moeviz.model.capture import trace_text
 from moeviz.views import routing_view
-from moeviz.views.charts import expert_colors
+from moeviz.views.charts import character_runs, expert_colors
+from moeviz.views.routing_view import CONTINUED, token_labels
 
 HOSTILE = ["</script><script>alert(1)</script>", '<img src=x onerror="alert(1)">', "a&amp;b", "\u2028", "<!--", "\n"]
 PAYLOAD = re.compile(r'<script type="application/json" id="moeviz-routing-data">(.*?)</script>', re.DOTALL)
@@ -90,3 +92,17 @@ def test_height_grows_with_experts_and_layers_up_to_a_cap(trace):
     assert routing_view.routing_view_height(trace) == 40 + 330 + (14 * 4 + 100) + 60 + (30 * 3 + 30)
     wide = make_trace(np.zeros((40, 2, 1), dtype=np.int32), num_experts=512)
     assert routing_view.routing_view_height(wide) == 40 + 330 + 520 + 60 + 310
+
+
+def test_byte_pieces_of_a_character_show_that_character(tiny_mixtral, tokenizer):
+    """Chinese and an emoji split over byte-level pieces: the view shows the characters on a run's
+    first piece and a dot on the others (each keeps its own routing); no raw bytes are shown."""
+    trace = trace_text(tiny_mixtral, tokenizer, "今天 😀 ok")
+    labels = token_labels(trace)
+    runs = [(first, end, chars) for first, end, chars in character_runs(trace) if chars is not None]
+    assert runs and any(r"\x" in token for token in trace.tokens)  # the tokenizer does split them
+    assert not any(r"\x" in label for label in labels)
+    assert "".join(label for label in labels if label != CONTINUED).replace("␣", " ").endswith("今天 😀 ok")
+    for first, end, chars in runs:
+        assert labels[first:end] == [chars] + [CONTINUED] * (end - first - 1)
+    assert payload_of(routing_view.routing_view_html(trace))["labels"] == labels

@@ -27,10 +27,12 @@ from moeviz.views.charts import (
     _score_name,
     _text_color,
     _visible_chars,
+    character_runs,
     expert_colors,
 )
 
 _ROW_PX = 14  # an expert's row in the heatmap and the load bars
+CONTINUED = "·"  # shown by the further byte pieces of a character drawn on its first piece
 _JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026",
                  0x2028: "\\u2028", 0x2029: "\\u2029"}
 
@@ -60,7 +62,7 @@ def routing_payload(trace: RoutingTrace, left_out=None) -> dict:
     colors = expert_colors(trace.num_experts)
     return {
         "tokens": list(trace.tokens),
-        "labels": ["".join(_visible_chars(token)) or _EMPTY_TOKEN for token in trace.tokens],
+        "labels": token_labels(trace),
         "token_ids": [int(i) for i in trace.token_ids],
         "left_out": left_out.tolist(),
         "generated_from": trace.generated_from,
@@ -75,6 +77,18 @@ def routing_payload(trace: RoutingTrace, left_out=None) -> dict:
         "topk_weights": typed_array(trace.topk_weights, "float32") if trace.has_weights else None,
         "router_probs": typed_array(trace.router_probs, "float32") if trace.has_scores else None,
     }
+
+
+def token_labels(trace: RoutingTrace) -> list[str]:
+    """What each token's span shows. Byte-level pieces that together form characters (Chinese,
+    an emoji split over tokens: `charts.character_runs`) show those characters on the run's first
+    piece and CONTINUED on the others, whose routing stays their own; a token on its own shows
+    its text with whitespace made visible."""
+    labels = ["".join(_visible_chars(token)) or _EMPTY_TOKEN for token in trace.tokens]
+    for first, end, characters in character_runs(trace):
+        if characters is not None:
+            labels[first:end] = ["".join(_visible_chars(characters))] + [CONTINUED] * (end - first - 1)
+    return labels
 
 
 def payload_json(payload: dict) -> str:
