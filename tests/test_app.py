@@ -28,8 +28,11 @@ def model():
     return load_model(default_model_source())
 
 
-def run_page(page: str | None = None) -> AppTest:
+def run_page(page: str | None = None, **state) -> AppTest:
+    """The app run headless, on `page` (default: the first), with session `state` set first."""
     app = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    for key, value in state.items():
+        app.session_state[key] = value
     app.run()
     if page:
         app.switch_page(page)

@@ -140,6 +140,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def wait_until_serving(server: subprocess.Popen, port: int, seconds: float = 120) -> None:
+    """Wait until the app that `server` started answers Streamlit's health check on `port`."""
+    deadline, health = time.monotonic() + seconds, None
+    while health != "ok" and server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
+                health = response.read().decode()
+        except OSError:
+            time.sleep(0.2)
+    assert health == "ok", server.stderr.read() if server.poll() is not None else "no answer"
+
+
 def listening_addresses(port: int) -> set[str]:
     """Local IPv4 addresses with a socket listening on `port`, from /proc/net/tcp."""
     found = set()
@@ -157,14 +169,7 @@ def test_serve_starts_the_app_on_localhost_with_the_model(model_dir):
                                "--quantization", "nf4", "--dtype", "float32"],
                               env=ENV | {"MOEVIZ_DEVICE": "cpu"}, cwd=REPO.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, health = time.monotonic() + 120, None
-        while health != "ok" and server.poll() is None and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                    health = response.read().decode()
-            except OSError:
-                time.sleep(0.2)
-        assert health == "ok", server.stderr.read() if server.poll() is not None else "no answer"
+        wait_until_serving(server, port)
         assert listening_addresses(port) == {"127.0.0.1"}
         # The process became Streamlit (exec): signals reach the server, no orphan is left.
         command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")

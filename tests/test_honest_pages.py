@@ -6,20 +6,25 @@ app makes, never from numbers written down for one model."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
-from test_app import app_trace, counted_tokens, decode_plotly_array, limit, routing_payload, token_counts
+from test_app import (
+    app_trace,
+    counted_tokens,
+    decode_plotly_array,
+    limit,
+    routing_payload,
+    run_page,
+    token_counts,
+)
 
 from moeviz.analysis import metrics
 from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import load_model
 from moeviz.ui import default_model_source, presets
 
-TIMEOUT = 300
-APP = str(Path(__file__).resolve().parent.parent / "app.py")
 PAGES = ["app_pages/analyse.py", "app_pages/compare_layers.py", "app_pages/compare_prompts.py",
          "app_pages/domains.py", "app_pages/routing_lab.py"]
 
@@ -27,18 +32,6 @@ PAGES = ["app_pages/analyse.py", "app_pages/compare_layers.py", "app_pages/compa
 @pytest.fixture(scope="module")
 def model():
     return load_model(default_model_source())
-
-
-def open_page(page: str | None = None, **state) -> AppTest:
-    app = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    for key, value in state.items():
-        app.session_state[key] = value
-    app.run()
-    if page:
-        app.switch_page(page)
-        app.run()
-    assert not app.exception, [e.message for e in app.exception]
-    return app
 
 
 def figures(app: AppTest) -> list[dict]:
@@ -60,7 +53,7 @@ def token_limit(app: AppTest):
 
 
 def test_one_character_text_counts_one_token_and_leaves_bos_out(model):
-    app = open_page()
+    app = run_page()
     app.text_area(key="analyse_text").set_value("a").run()
     trace = app_trace(model, "a")
     assert trace.special.tolist() == [True, False]  # <s>, "a"
@@ -73,7 +66,7 @@ def test_one_character_text_counts_one_token_and_leaves_bos_out(model):
 def test_special_tokens_are_out_of_every_statistic_until_the_sidebar_counts_them(model):
     trace = app_trace(model, presets()["english"])
     index = trace.layer_index(trace.layer_ids[0])
-    app = open_page()
+    app = run_page()
     kept = metrics.counted(trace)
     loads = chart_values(app, "Share of tokens per expert")
     np.testing.assert_allclose(loads["load"], metrics.expert_load(kept, 1)[index])
@@ -97,7 +90,7 @@ def test_special_tokens_are_out_of_every_statistic_until_the_sidebar_counts_them
 @pytest.mark.parametrize("page, key", [("app_pages/analyse.py", "load_choices"), ("app_pages/compare_layers.py", "layers_choices"),
                                        ("app_pages/compare_prompts.py", "prompts_choices"), ("app_pages/domains.py", "domains_choices")])
 def test_load_is_counted_by_the_same_labelled_control_on_every_page(page, key):
-    app = open_page(page)
+    app = run_page(page)
     [control] = [r for r in app.radio if r.label == "Count load by"]
     assert control.options == ["first choice", "all top-2 picks"] and control.value == "first choice"
     titles = [f["layout"]["title"]["text"] for f in figures(app)]
@@ -109,7 +102,7 @@ def test_load_is_counted_by_the_same_labelled_control_on_every_page(page, key):
 
 
 def test_compare_prompts_draws_one_chance_line_over_layer_names_and_loads_by_first_choice(model):
-    app = open_page("app_pages/compare_prompts.py")
+    app = run_page("app_pages/compare_prompts.py")
     traces = [app_trace(model, presets()[name]) for name in ("english", "python", "math")]
     layer = traces[0].layer_ids[0]
     loads = chart_values(app, "Share of tokens per expert")
@@ -123,13 +116,13 @@ def test_compare_prompts_draws_one_chance_line_over_layer_names_and_loads_by_fir
 
 
 def test_domains_js_heatmap_names_domains():
-    app = open_page("app_pages/domains.py")
+    app = run_page("app_pages/domains.py")
     [js] = [f for f in figures(app) if f["data"][0]["type"] == "heatmap"]
     assert js["layout"]["title"]["text"] == "Jensen–Shannon divergence between domains' expert loads (bits)"
 
 
 def test_compare_layers_reports_transition_concentration_not_same_expert_ids(model):
-    app = open_page("app_pages/compare_layers.py")
+    app = run_page("app_pages/compare_layers.py")
     trace = metrics.counted(app_trace(model, presets()["python"]))
     a, b = trace.layer_ids[0], trace.layer_ids[-1]
     share, floor = metrics.transition_concentration(
@@ -140,7 +133,7 @@ def test_compare_layers_reports_transition_concentration_not_same_expert_ids(mod
 
 
 def test_routing_lab_says_why_capacity_leaves_the_balance_loss_unchanged():
-    app = open_page("app_pages/routing_lab.py")
+    app = run_page("app_pages/routing_lab.py")
     app.slider(key="lab_alpha").set_value(0.5).run()
     assert not app.exception
     table = app.table[0].value
@@ -153,7 +146,7 @@ def test_routing_lab_says_why_capacity_leaves_the_balance_loss_unchanged():
 
 @pytest.mark.parametrize("page", PAGES)
 def test_token_limit_one_gives_an_information_box_on_every_page(page):
-    app = open_page(page)
+    app = run_page(page)
     token_limit(app).set_value(1).run()
     assert not app.exception, [e.message for e in app.exception]
     assert not app.error
@@ -161,7 +154,7 @@ def test_token_limit_one_gives_an_information_box_on_every_page(page):
 
 
 def test_default_token_limit_is_the_models_context_and_longer_texts_are_warned(model):
-    app = open_page()
+    app = run_page()
     assert token_limit(app).value == limit(model) == 512  # the bundled model's max_position_embeddings
     assert not any("positions the model was trained on" in w.value for w in app.warning)
     token_limit(app).set_value(600).run()
@@ -176,7 +169,7 @@ def test_default_token_limit_is_the_models_context_and_longer_texts_are_warned(m
 
 
 def test_generation_says_why_it_stopped_and_leaves_its_special_tokens_out(model):
-    app = open_page()
+    app = run_page()
     app.radio(key="analyse_text_source").set_value("Generate from a prompt").run()
     app.number_input(key="analyse_text_new_tokens").set_value(3).run()
     assert not app.exception

@@ -4,14 +4,12 @@ Streamlit, stays on 127.0.0.1 and never prints the access token."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from test_cli import free_port, wait_until_serving
 
 from moeviz.model.loading import BUNDLED_MODEL
 
@@ -39,22 +37,13 @@ def test_serve_team_refuses_settings_it_cannot_serve_safely(env, message):
 
 
 def test_serve_team_starts_on_localhost_with_the_upload_limit():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = ENV | {"MOEVIZ_MODELS": f"bundled={BUNDLED_MODEL}", "MOEVIZ_ACCESS_TOKEN": TOKEN,
                  "MOEVIZ_MAX_UPLOAD_MB": "7"}
     server = subprocess.Popen([sys.executable, "-m", "moeviz", "serve", "--team", "--port", str(port)], env=env,
                               cwd=REPO.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, health = time.monotonic() + 120, None
-        while health != "ok" and server.poll() is None and time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as response:
-                    health = response.read().decode()
-            except OSError:
-                time.sleep(0.2)
-        assert health == "ok"
+        wait_until_serving(server, port)
         command = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
         assert command[command.index(b"--server.address") + 1] == b"127.0.0.1"
         assert command[command.index(b"--server.maxUploadSize") + 1] == b"7"
