@@ -11,6 +11,7 @@ from moeviz.ui import (
     analyse,
     cached_model,
     layer_picker,
+    model_turn,
     show_figure,
     text_input,
 )
@@ -26,8 +27,9 @@ def cached_intervention(choice: ModelChoice, text: str, layer: int, ablate: tupl
         top_k=None if k is None else {layer: k}, bias={layer: {bias[0]: bias[1]}} if bias else {},
         capacity_factor=None if capacity_factor is None else {layer: capacity_factor},
     )
-    return run_intervention(loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id,
-                            max_tokens=choice.max_tokens, continuation_tokens=continuation)
+    with model_turn(choice):  # its forward passes wait their turn like every other session's
+        return run_intervention(loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id,
+                                max_tokens=choice.max_tokens, continuation_tokens=continuation)
 
 
 def chosen_intervention(trace, layer: int) -> dict:
