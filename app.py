@@ -28,7 +28,10 @@ pages = st.navigation({
         st.Page("app_pages/routing_lab.py", title="Routing lab"),
         st.Page("app_pages/intervene.py", title="Intervene"),
     ],
-    "Model": [st.Page("app_pages/models.py", title="Models")],
+    "Model": [
+        st.Page("app_pages/models.py", title="Models"),
+        st.Page("app_pages/training.py", title="Training"),
+    ],
 })
 st.session_state["model_choice"] = model_sidebar()
 pages.run()

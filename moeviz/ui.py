@@ -24,10 +24,12 @@ from moeviz.model.capture import DEFAULT_MAX_TOKENS, NoRoutersError, trace_text
 from moeviz.model.generation import STOP_REASONS, Sampling, trace_generation
 from moeviz.model.loading import (
     BUNDLED_MODEL,
+    BUNDLED_MODELS,
     DTYPES,
     LoadedModel,
     ModelLoadError,
     ModelSummary,
+    bundled_name,
     describe_model,
     estimate_memory,
     load_model,
@@ -157,6 +159,30 @@ def model_sidebar() -> ModelChoice | None:
     return choice
 
 
+OTHER_MODEL = "another model (folder or hub id below)"
+
+
+def _source_picker() -> str:
+    """The bundled models by name, or any folder or hub id. Choosing a name fills the field;
+    the field is what counts, and a typed path switches the name to "another model"."""
+    st.session_state.setdefault("model_source", default_model_source())
+    st.session_state["model_bundled"] = bundled_name(st.session_state["model_source"].strip()) or OTHER_MODEL
+    st.selectbox("Bundled model", [*BUNDLED_MODELS, OTHER_MODEL], key="model_bundled", on_change=_fill_source,
+                 help="moeviz's own small models, offline: a Mixtral-style one (softmax top-2 of 8 experts) and "
+                 "a DeepSeek-style one (top-4 of 32 fine-grained experts beside a shared expert, sigmoid scores, "
+                 "bias-balanced selection).")
+    return st.text_input(
+        "Local folder or hub id", key="model_source",
+        help="Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
+    ).strip()
+
+
+def _fill_source() -> None:
+    folder = BUNDLED_MODELS.get(st.session_state["model_bundled"])
+    if folder is not None:
+        st.session_state["model_source"] = str(folder)
+
+
 def _model_picker() -> ModelChoice | None:
     st.header("Model")
     team = read_settings()
@@ -164,13 +190,7 @@ def _model_picker() -> ModelChoice | None:
         name = st.selectbox("Model", list(team.model_sources), key="model_name")
         source = team.model_sources[name]
     else:
-        source = st.text_input(
-            "Local folder or hub id",
-            value=default_model_source(),
-            key="model_source",
-            help="The default is moeviz's own small Mixtral, bundled and offline. "
-            "Hub ids such as mistralai/Mixtral-8x7B-v0.1 need a GPU and network access.",
-        ).strip()
+        source = _source_picker()
     device = st.selectbox("Device", DEVICES, index=env_default("MOEVIZ_DEVICE", DEVICES), key="model_device")
     dtype = st.selectbox("Weights dtype", list(DTYPES), index=env_default("MOEVIZ_DTYPE", list(DTYPES)),
                          key="model_dtype")

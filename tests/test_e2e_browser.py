@@ -538,3 +538,35 @@ def test_link_state_across_pages_and_the_per_token_table(tab, model):
     tab.act(lambda: tab.page.get_by_role("link", name="Compare layers").click())
     tab.act(lambda: tab.page.get_by_role("link", name="Analyse text").click())
     assert tab.text_value("analyse_text") == own
+
+
+def test_training_page_plots_the_shipped_histories(tab):
+    from test_training_history import WITH_HISTORY
+
+    from moeviz.analysis import training
+    from moeviz.model.loading import BUNDLED_MODELS
+
+    tab.open("training")
+    radio = tab.page.locator(".st-key-training_model [role=\"radiogroup\"] label")
+    assert radio.all_inner_texts() == WITH_HISTORY
+    for number, name in enumerate(WITH_HISTORY):
+        if number:
+            tab.act(lambda: radio.nth(number).click())
+        history = training.read_history(BUNDLED_MODELS[name])
+        figures = tab.figures()
+        lines = figures["training_saturation"]
+        assert len(lines) == len(history.moe_layers)
+        for line, values in zip(lines, training.saturation(history).T):
+            assert line["x"] == history.steps
+            np.testing.assert_allclose(line["y"], values, atol=1e-12)
+        loads = training.expert_loads(history)
+        for line, values in zip(figures["training_max_vio"], training.max_violation(loads).T):
+            np.testing.assert_allclose(line["y"], values, atol=1e-12)
+        np.testing.assert_allclose(np.array(figures["training_load"][0]["z"], dtype=float), loads[:, 0].T, atol=1e-12)
+        if history.biases is None:
+            assert "training_bias" not in figures  # balanced with a loss, not biases
+        else:
+            np.testing.assert_allclose(np.array(figures["training_bias"][0]["z"], dtype=float),
+                                       history.biases[:, 0].T, atol=1e-7)
+            assert "plus 1 shared expert, always active" in tab.page.inner_text("body")
+        tab.screenshot(f"training-{number}")

@@ -154,15 +154,20 @@ def test_token_limit_one_gives_an_information_box_on_every_page(page):
 
 
 def test_default_token_limit_is_the_models_context_and_longer_texts_are_warned(model):
+    context = model.model.config.max_position_embeddings
     app = run_page()
-    assert token_limit(app).value == limit(model) == 512  # the bundled model's max_position_embeddings
+    assert token_limit(app).value == limit(model) == context  # the bundled model's trained positions
     assert not any("positions the model was trained on" in w.value for w in app.warning)
-    token_limit(app).set_value(600).run()
+    over = context + 88
+    token_limit(app).set_value(over).run()
+    text = "\n\n".join(presets().values())  # all the samples together: longer than the context
+    app.text_area(key="analyse_text").set_value(text).run()
     assert not app.exception
-    trace = app_trace(model, presets()["english"])
-    assert trace.input_token_count > 600  # the preset is longer than the limit set
-    assert token_counts(app) == [600 - int(trace.special[:1].sum())]
-    assert any("600 tokens, more than the 512 positions the model was trained on" in w.value for w in app.warning)
+    trace = app_trace(model, text)
+    assert trace.input_token_count > over  # the text is longer than the limit set
+    assert token_counts(app) == [over - int(trace.special[:1].sum())]
+    assert any(f"{over:,} tokens, more than the {context:,} positions the model was trained on" in w.value
+               for w in app.warning)
 
 
 # -- 7. generation --------------------------------------------------------------------------------------

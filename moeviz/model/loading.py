@@ -21,7 +21,13 @@ from moeviz.model.quantize import QuantizationError, load_nf4
 from moeviz.model.weights import parameter_count, quantization_of, storage_bytes
 from moeviz.trace import layer_label
 
-BUNDLED_MODEL = Path(__file__).resolve().parent.parent.parent / "assets" / "model"
+ASSETS = Path(__file__).resolve().parent.parent.parent / "assets"
+BUNDLED_MODEL = ASSETS / "model"  # the default: Mixtral-style, softmax top-2 of 8 experts
+BUNDLED_DEEPSEEK = ASSETS / "model-deepseek"  # fine-grained and shared experts, sigmoid, biased selection
+BUNDLED_MODELS = {
+    "moeviz Mixtral-style (bundled)": BUNDLED_MODEL,
+    "moeviz DeepSeek-style (bundled)": BUNDLED_DEEPSEEK,
+}
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -183,9 +189,16 @@ def _check_source(source: str) -> None:
 
 def _display_name(source: str) -> str:
     path = Path(source)
-    if path.resolve() == BUNDLED_MODEL:
-        return "moeviz bundled Mixtral (assets/model)"
-    return path.name if path.is_dir() else source
+    return bundled_name(source) or (path.name if path.is_dir() else source)
+
+
+def bundled_name(source: str | Path) -> str | None:
+    """The name of a bundled model's folder ("moeviz Mixtral-style (bundled)"), else None."""
+    try:
+        resolved = Path(source).resolve()
+    except (OSError, ValueError):  # a NUL byte, a symlink loop: not a bundled model
+        return None
+    return next((name for name, folder in BUNDLED_MODELS.items() if resolved == folder), None)
 
 
 @dataclass(frozen=True)
