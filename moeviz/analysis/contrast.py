@@ -125,7 +125,9 @@ class Contrast:
             "ci_low": low.ravel(),
             "ci_high": high.ravel(),
         })
-        order = np.lexsort((table["expert"], table["layer"], -table["risk_difference"].abs()))
+        # |A_a·N_b − A_b·N_a| / (N_a·N_b) in integers, so that equal differences tie exactly.
+        size = np.abs(self.selected_a.astype(np.int64) * self.tokens_b - self.selected_b.astype(np.int64) * self.tokens_a)
+        order = np.lexsort((table["expert"], table["layer"], -size.ravel()))
         table = table.iloc[order].reset_index(drop=True)
         table.insert(0, "rank", np.arange(1, len(table) + 1))
         return table
