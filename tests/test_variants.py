@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 import moeviz
+from moeviz import cli
 from moeviz.analysis import effects
 from moeviz.analysis.variants import TokenizationMismatch, VariantComparison
 from moeviz.model.capture import trace_text
@@ -171,3 +172,23 @@ def test_page_shows_the_comparison_of_the_library(full_and_nf4, tmp_path, tiny_m
     app.text_input(key="variants_b_source").set_value(str(tmp_path)).run()
     assert not app.exception, [e.message for e in app.exception]
     assert [e.value for e in app.error if "tokenizers split this text differently" in e.value]
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def test_cli_prints_the_summary_of_the_library_result(tmp_path, tiny_mixtral, tokenizer, capsys):
+    tiny_mixtral.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "a")
+    assert cli.main(["variants", TEXT, "--model", str(tmp_path / "a"), "--quantization-b", "none"]) == 0
+    out = capsys.readouterr().out
+    loaded = LoadedModel(model=tiny_mixtral, tokenizer=tokenizer, model_id="tiny", device="cpu")
+    expected = cli.variants_summary(moeviz.compare_variants(loaded, loaded, TEXT), "a (full precision)",
+                                    "a (full precision)")  # the model id: the folder's name
+    assert out.strip() == expected
+    assert "  layer 0   100.0%  100.0%" in out and "(B - A) +0.0000" in out
+
+    other_tokenizer().save_pretrained(tmp_path / "b")
+    tiny_mixtral.save_pretrained(tmp_path / "b")
+    assert cli.main(["variants", TEXT, "--model", str(tmp_path / "a"), "--model-b", str(tmp_path / "b")]) == 1
+    assert "tokenizers split this text differently" in capsys.readouterr().err
