@@ -10,7 +10,14 @@ from moeviz.analysis import effects
 from moeviz.api import compare_variants
 from moeviz.model.loading import ModelLoadError
 from moeviz.model.planning import STORAGE_NAMES
-from moeviz.ui import ModelChoice, cached_model, include_special, layer_picker, show_figure, text_input
+from moeviz.ui import (
+    ModelChoice,
+    cached_model,
+    include_special,
+    layer_picker,
+    show_figure,
+    text_input,
+)
 from moeviz.views import variant_charts
 
 SAME_NF4, SAME_FULL, OTHER = ("the same model, 4-bit (NF4)", "the same model, full precision",

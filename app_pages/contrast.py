@@ -7,7 +7,16 @@ import streamlit as st
 
 from moeviz.analysis import contrast
 from moeviz.model.interventions import Intervention, run_intervention
-from moeviz.ui import ModelChoice, cached_model, cached_trace, include_special, model_turn, plural, presets, show_figure
+from moeviz.ui import (
+    ModelChoice,
+    cached_model,
+    cached_trace,
+    include_special,
+    model_turn,
+    plural,
+    presets,
+    show_figure,
+)
 from moeviz.views import contrast_charts
 
 DEFAULT_SETS = {"contrast_a": ["python", "c"], "contrast_b": ["english", "german"]}

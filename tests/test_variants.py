@@ -145,7 +145,7 @@ def test_bundled_model_in_float32_against_nf4(full_and_nf4):
 
 def test_page_shows_the_comparison_of_the_library(full_and_nf4, tmp_path, tiny_mixtral, tokenizer):
     app = run_page(PAGE)
-    full, nf4 = full_and_nf4
+    nf4 = full_and_nf4[1]
     default = load_model(BUNDLED_MODEL)  # the sidebar's "auto" storage: full precision for the bundled model
     text = presets()["english"]
     expected = moeviz.compare_variants(default, nf4, text, max_tokens=limit(default))

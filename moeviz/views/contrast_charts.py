@@ -22,8 +22,8 @@ A_COLOR, B_COLOR = MORE_LIKELY, LESS_LIKELY
 
 
 def _layer_axis(layer_ids: list[int], labels: list[str]) -> dict:
-    return dict(title=dict(text="layer"), type="category", tickmode="array", tickvals=list(layer_ids),
-                ticktext=list(labels))
+    return {"title": {"text": "layer"}, "type": "category", "tickmode": "array", "tickvals": list(layer_ids),
+                "ticktext": list(labels)}
 
 
 def risk_difference_heatmap(result: Contrast) -> go.Figure:
@@ -36,15 +36,15 @@ def risk_difference_heatmap(result: Contrast) -> go.Figure:
     fig = go.Figure(go.Heatmap(
         z=difference, x=np.arange(result.num_experts), y=list(result.layer_ids), customdata=custom,
         colorscale="RdBu", zmin=-scale, zmax=scale, zmid=0,
-        colorbar=dict(title=dict(text="p_A − p_B")),
+        colorbar={"title": {"text": "p_A − p_B"}},
         meta={"columns": {"x": "expert", "y": "layer", "z": "risk_difference"},
               "customdata": ["rate_a", "rate_b", "ci_low", "ci_high"]},
         hovertemplate=("layer %{y}, expert %{x}<br>A %{customdata[0]:.1%} · B %{customdata[1]:.1%}<br>"
                        "Δ %{z:+.3f} [%{customdata[2]:+.3f}, %{customdata[3]:+.3f}]<extra></extra>"),
     ))
     fig.update_layout(
-        title=dict(text=f"How much more often set A selects each expert than set B (top-{result.top_k}; blue: A, "
-                   "red: B)"),
+        title={"text": f"How much more often set A selects each expert than set B (top-{result.top_k}; blue: A, "
+                   "red: B)"},
         xaxis=expert_axis(result.num_experts), yaxis=_layer_axis(result.layer_ids, result.layer_labels),
         margin={"t": 50, "b": 40}, height=max(260, 60 + 36 * len(result.layer_ids)),
     )
@@ -58,9 +58,9 @@ def top_experts_chart(ranking: pd.DataFrame, confidence: float) -> go.Figure:
     custom = ranking[["layer", "expert", "rate_a", "rate_b", "ci_low", "ci_high"]].to_numpy(dtype=np.float64)
     fig = go.Figure(go.Scatter(
         x=ranking["rank"].to_numpy(), y=difference, mode="markers",
-        marker=dict(size=9, color=[A_COLOR if d > 0 else B_COLOR for d in difference]),
-        error_y=dict(type="data", symmetric=False, array=ranking["ci_high"].to_numpy() - difference,
-                     arrayminus=difference - ranking["ci_low"].to_numpy()),
+        marker={"size": 9, "color": [A_COLOR if d > 0 else B_COLOR for d in difference]},
+        error_y={"type": "data", "symmetric": False, "array": ranking["ci_high"].to_numpy() - difference,
+                     "arrayminus": difference - ranking["ci_low"].to_numpy()},
         customdata=custom, name="risk difference",
         meta={"columns": {"x": "rank", "y": "risk_difference"},
               "customdata": ["layer", "expert", "rate_a", "rate_b", "ci_low", "ci_high"]},
@@ -68,12 +68,12 @@ def top_experts_chart(ranking: pd.DataFrame, confidence: float) -> go.Figure:
                        "%{customdata[3]:.1%}<br>Δ %{y:+.3f} [%{customdata[4]:+.3f}, %{customdata[5]:+.3f}]"
                        "<extra></extra>"),
     ))
-    fig.add_hline(y=0, line=dict(color="#555555", width=1))
+    fig.add_hline(y=0, line={"color": "#555555", "width": 1})
     fig.update_layout(
-        title=dict(text=f"Experts with the largest difference, {confidence:.0%} interval (Newcombe)"),
-        xaxis=dict(title=dict(text="rank"), tickmode="array", tickvals=ranking["rank"].tolist(),
-                   ticktext=[f"L{layer} e{expert}" for layer, expert in zip(ranking["layer"], ranking["expert"])]),
-        yaxis=dict(title=dict(text="p_A − p_B"), zeroline=False),
+        title={"text": f"Experts with the largest difference, {confidence:.0%} interval (Newcombe)"},
+        xaxis={"title": {"text": "rank"}, "tickmode": "array", "tickvals": ranking["rank"].tolist(),
+                   "ticktext": [f"L{layer} e{expert}" for layer, expert in zip(ranking["layer"], ranking["expert"])]},
+        yaxis={"title": {"text": "p_A − p_B"}, "zeroline": False},
         margin={"t": 50, "b": 40}, height=340,
     )
     return fig
@@ -91,8 +91,8 @@ def set_effect_chart(effects: Mapping[str, SetEffect], what: str) -> go.Figure:
         hovertemplate=("%{x}: mean Δ log p %{y:+.4f}<br>perplexity %{customdata[0]:.3f} → %{customdata[1]:.3f}"
                        "<br>%{customdata[2]} predicted tokens<extra></extra>"),
     ))
-    fig.add_hline(y=0, line=dict(color="#555555", width=1))
-    fig.update_layout(title=dict(text=f"Mean change in log p of the actual next token · {what}"),
-                      xaxis=dict(title=dict(text="set"), type="category"),
-                      yaxis=dict(title=dict(text="mean Δ log p (nats)")), margin={"t": 50, "b": 40}, height=320)
+    fig.add_hline(y=0, line={"color": "#555555", "width": 1})
+    fig.update_layout(title={"text": f"Mean change in log p of the actual next token · {what}"},
+                      xaxis={"title": {"text": "set"}, "type": "category"},
+                      yaxis={"title": {"text": "mean Δ log p (nats)"}}, margin={"t": 50, "b": 40}, height=320)
     return fig

@@ -30,12 +30,12 @@ def agreement_chart(comparison: VariantComparison) -> go.Figure:
             hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.1%}} of tokens<extra></extra>",
         ))
     fig.update_layout(
-        title=dict(text="How often model B routes as model A does"),
+        title={"text": "How often model B routes as model A does"},
         barmode="group",
-        xaxis=dict(title=dict(text="layer"), type="category", tickmode="array", tickvals=list(trace.layer_ids),
-                   ticktext=[trace.layer_label(n) for n in trace.layer_ids]),
-        yaxis=dict(title=dict(text="share of tokens"), tickformat=".0%", range=[0, 1.02]),
-        legend=dict(orientation="h", y=-0.2), margin={"t": 50, "b": 40}, height=340,
+        xaxis={"title": {"text": "layer"}, "type": "category", "tickmode": "array", "tickvals": list(trace.layer_ids),
+                   "ticktext": [trace.layer_label(n) for n in trace.layer_ids]},
+        yaxis={"title": {"text": "share of tokens"}, "tickformat": ".0%", "range": [0, 1.02]},
+        legend={"orientation": "h", "y": -0.2}, margin={"t": 50, "b": 40}, height=340,
     )
     return fig
 
@@ -43,7 +43,7 @@ def agreement_chart(comparison: VariantComparison) -> go.Figure:
 def delta_logprob_chart(comparison: VariantComparison) -> go.Figure:
     """Bars of log p_B − log p_A of each actual next token (positions 1..T−1)."""
     fig = logprob_delta_chart(comparison.a.tokens, comparison.logprobs_a, comparison.logprobs_b)
-    fig.update_layout(title=dict(text="log p of each actual next token, model B minus model A (blue: B finds it likelier)"))
+    fig.update_layout(title={"text": "log p of each actual next token, model B minus model A (blue: B finds it likelier)"})
     return fig
 
 
