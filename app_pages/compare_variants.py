@@ -13,6 +13,7 @@ from moeviz.model.planning import STORAGE_NAMES
 from moeviz.ui import (
     ModelChoice,
     cached_model,
+    hub_unreachable,
     include_special,
     layer_picker,
     show_figure,
@@ -38,6 +39,10 @@ def chosen_b(choice: ModelChoice) -> ModelChoice | None:
                                placeholder="path/to/checkpoint")
         if not source.strip():
             st.info("Type where model B is: a folder with its config, weights and tokenizer.")
+            return None
+        unreachable = hub_unreachable(source.strip())
+        if unreachable:
+            st.error(unreachable)
             return None
         return dataclasses.replace(choice, source=source.strip(), quantization="auto")
     return dataclasses.replace(choice, quantization="nf4" if kind == SAME_NF4 else "none")

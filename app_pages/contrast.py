@@ -20,7 +20,7 @@ from moeviz.ui import (
 from moeviz.views import contrast_charts
 
 DEFAULT_SETS = {"contrast_a": ["python", "c"], "contrast_b": ["english", "german"]}
-SEPARATOR = re.compile(r"^---[ \t]*$", re.MULTILINE)
+SEPARATOR = re.compile(r"\n?^---[ \t]*$\n?", re.MULTILINE)  # the line and its line breaks
 ACTIONS = {"ablate": "Ablate them (never selected)", "force": "Boost them (forced into every token's selection)"}
 
 

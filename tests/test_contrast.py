@@ -173,3 +173,16 @@ def test_page_ranks_experts_and_one_click_ablation_equals_intervene(model):
     assert not app.exception
     force = contrast.top_experts(expected, 2, "A", per_layer=expected.top_k)
     assert app.subheader[-1].value == Intervention(force=force).describe()
+
+
+def test_page_takes_pasted_texts_and_says_when_a_set_is_empty(model):
+    app = run_page(PAGE)
+    app.multiselect(key="contrast_b_presets").set_value([]).run()
+    assert any("Give each set at least one text" in i.value for i in app.info)
+    pasted = ["Zwei Bier, bitte.", "Wo ist der Bahnhof?"]
+    app.text_area(key="contrast_b_own").set_value(f"{pasted[0]}\n---\n{pasted[1]}\n").run()
+    assert not app.exception, [e.message for e in app.exception]
+    b = [trace_text(model.model, model.tokenizer, text, model_id=model.model_id, max_tokens=limit(model))
+         for text in (pasted[0], pasted[1] + "\n")]
+    tokens_b = sum(t.num_tokens - int(t.special.sum()) for t in b)
+    assert any(c.value.endswith(f"set B: 2 texts, {tokens_b} tokens counted") for c in app.caption)

@@ -8,7 +8,8 @@ takes the risk difference of the two activation rates,
 
 ranking experts by |Δ| over all (layer, expert) pairs; steering then activates the top experts of
 one sign (at most k per layer) and deactivates those of the other (`calc_risk_diff` in the
-custom_steering notebook and `steer_moe` in src/utils.py of adobe-research/SteerMoE).
+custom_steering notebook and `steer_moe` in src/utils.py of adobe-research/SteerMoE, read in its
+fork JACKPURCELL/SteerMoE).
 
 Here a set's tokens are the counted tokens (special ones left out unless asked) of all its texts,
 pooled; an expert is selected when it is among the token's recorded top-k ids, what the model used
