@@ -70,6 +70,10 @@ else:
             comparison = None
         if comparison is not None:
             comparison = dataclasses.replace(comparison, include_special=include_special())
+            if not comparison.counted.any():
+                st.info("This text has only special tokens, which the statistics leave out (the sidebar can count "
+                        "them). Type some text.")
+                st.stop()
             columns = st.columns(4)
             columns[0].metric("First-choice agreement (mean over layers)", f"{comparison.first_choice_agreement.mean():.1%}")
             columns[1].metric(f"Top-{comparison.a.top_k} overlap (mean over layers)", f"{comparison.topk_overlap.mean():.1%}")

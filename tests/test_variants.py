@@ -166,8 +166,12 @@ def test_page_shows_the_comparison_of_the_library(full_and_nf4, tmp_path, tiny_m
     assert [int(p) for p in re.findall(r'moeviz-differs" data-position="(\d+)"', view)] == list(np.flatnonzero(differs))
     assert f"at layer {layer}" in view
 
+    app.text_area(key="variants_text").set_value("<s>").run()  # BOS, and BOS typed: nothing to count
+    assert any("only special tokens" in i.value for i in app.info) and not app.metric
+
     tiny_mixtral.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
+    app.text_area(key="variants_text").set_value(text).run()
     app.radio(key="variants_b").set_value("another local model or checkpoint").run()
     app.text_input(key="variants_b_source").set_value(str(tmp_path)).run()
     assert not app.exception, [e.message for e in app.exception]
