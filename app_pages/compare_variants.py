@@ -8,7 +8,6 @@ import streamlit as st
 
 from moeviz.analysis import effects
 from moeviz.api import compare_variants
-from moeviz.model.loading import ModelLoadError
 from moeviz.model.planning import STORAGE_NAMES
 from moeviz.ui import (
     ModelChoice,
@@ -17,6 +16,7 @@ from moeviz.ui import (
     include_special,
     layer_picker,
     show_figure,
+    show_token_count,
     text_input,
 )
 from moeviz.views import variant_charts
@@ -65,11 +65,12 @@ else:
             comparison = cached_comparison(choice, choice_b, text)
             st.caption(f"Model A (the sidebar's): {choice.source}, {storage(choice)} · model B: {choice_b.source}, "
                        f"{storage(choice_b)}")
-        except (ValueError, ModelLoadError) as error:
+        except ValueError as error:  # a model that does not load, tokenizers that disagree, ...
             st.error(str(error))
             comparison = None
         if comparison is not None:
             comparison = dataclasses.replace(comparison, include_special=include_special())
+            show_token_count(comparison.a, choice.context)
             if not comparison.counted.any():
                 st.info("This text has only special tokens, which the statistics leave out (the sidebar can count "
                         "them). Type some text.")

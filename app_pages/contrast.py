@@ -120,6 +120,10 @@ else:
             if result is not None:
                 st.caption(f"Set A: {plural(len(texts_a), 'text')}, {plural(result.tokens_a, 'token')} counted · "
                            f"set B: {plural(len(texts_b), 'text')}, {plural(result.tokens_b, 'token')} counted")
+                cut = sum(trace.truncated for trace in [*traces_a, *traces_b])
+                if cut:
+                    st.caption(f"{plural(cut, 'text')} cut at the token limit ({choice.max_tokens:,} tokens; the "
+                               "sidebar sets it): only their first tokens count.")
                 st.subheader("Risk difference per layer and expert")
                 show_figure(contrast_charts.risk_difference_heatmap(result), "contrast_heatmap")
 

@@ -145,7 +145,10 @@ def figures(app) -> dict:
 def test_page_ranks_experts_and_one_click_ablation_equals_intervene(model):
     app = run_page(PAGE)
     names_a, names_b = ["python", "c"], ["english", "german"]
-    expected = contrast.contrast(page_traces(model, names_a), page_traces(model, names_b))
+    traces = page_traces(model, names_a), page_traces(model, names_b)
+    expected = contrast.contrast(*traces)
+    cut = sum(trace.truncated for trace in [*traces[0], *traces[1]])
+    assert cut and any(c.value.startswith(f"{cut} texts cut at the token limit (512 tokens") for c in app.caption)
     shown = figures(app)
     heatmap = next(f for title, f in shown.items() if title.startswith("How much more often set A"))
     np.testing.assert_allclose(values(heatmap.data[0].z).reshape(expected.risk_difference.shape), expected.risk_difference, atol=1e-12)

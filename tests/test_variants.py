@@ -10,7 +10,7 @@ import numpy as np
 import plotly.io as pio
 import pytest
 from factories import make_trace
-from test_app import limit, run_page
+from test_app import limit, run_page, token_counts
 from test_routing_lab_page import values
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -155,6 +155,7 @@ def test_page_shows_the_comparison_of_the_library(full_and_nf4, tmp_path, tiny_m
     assert shown["Mean Δ log p of the next token (B − A)"] == f"{expected.delta_logprobs.mean():+.4f}"
     assert shown["Perplexity B (A)"] == f"{effects.perplexity(expected.logprobs_b):.3f}"
     assert any("model B: " in c.value and "4-bit (NF4)" in c.value for c in app.caption)
+    assert token_counts(app) == [int(expected.counted.sum())]
 
     figures = [pio.from_json(e.proto.spec) for e in app.get("plotly_chart")]
     agreement = next(f for f in figures if f.layout.title.text.startswith("How often model B"))
