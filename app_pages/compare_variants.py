@@ -76,10 +76,13 @@ else:
                         "them). Type some text.")
                 st.stop()
             columns = st.columns(4)
-            columns[0].metric("First-choice agreement (mean over layers)", f"{comparison.first_choice_agreement.mean():.1%}")
-            columns[1].metric(f"Top-{comparison.a.top_k} overlap (mean over layers)", f"{comparison.topk_overlap.mean():.1%}")
+            columns[0].metric("First-choice agreement", f"{comparison.first_choice_agreement.mean():.1%}",
+                              help="The mean over MoE layers of the share of tokens whose first choice is the same.")
+            columns[1].metric(f"Top-{comparison.a.top_k} overlap", f"{comparison.topk_overlap.mean():.1%}",
+                              help="The mean over MoE layers and tokens of the experts both pick, over k.")
             if comparison.a.num_tokens >= 2:
-                columns[2].metric("Mean Δ log p of the next token (B − A)", f"{comparison.delta_logprobs.mean():+.4f}")
+                columns[2].metric("Mean Δ log p (B − A)", f"{comparison.delta_logprobs.mean():+.4f}",
+                                  help="log p_B − log p_A of each actual next token, averaged over the text.")
                 before, after = effects.perplexity(comparison.logprobs_a), effects.perplexity(comparison.logprobs_b)
                 columns[3].metric("Perplexity B (A)", f"{after:.3f}", f"{after - before:+.3f}", delta_color="inverse",
                                   help=f"Model A: {before:.3f}")

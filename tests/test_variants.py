@@ -150,9 +150,9 @@ def test_page_shows_the_comparison_of_the_library(full_and_nf4, tmp_path, tiny_m
     text = presets()["english"]
     expected = moeviz.compare_variants(default, nf4, text, max_tokens=limit(default))
     shown = {m.label: m.value for m in app.metric}
-    assert shown["First-choice agreement (mean over layers)"] == f"{expected.first_choice_agreement.mean():.1%}"
-    assert shown["Top-2 overlap (mean over layers)"] == f"{expected.topk_overlap.mean():.1%}"
-    assert shown["Mean Δ log p of the next token (B − A)"] == f"{expected.delta_logprobs.mean():+.4f}"
+    assert shown["First-choice agreement"] == f"{expected.first_choice_agreement.mean():.1%}"
+    assert shown["Top-2 overlap"] == f"{expected.topk_overlap.mean():.1%}"
+    assert shown["Mean Δ log p (B − A)"] == f"{expected.delta_logprobs.mean():+.4f}"
     assert shown["Perplexity B (A)"] == f"{effects.perplexity(expected.logprobs_b):.3f}"
     assert any("model B: " in c.value and "4-bit (NF4)" in c.value for c in app.caption)
     assert token_counts(app) == [int(expected.counted.sum())]
