@@ -23,10 +23,12 @@ pages = st.navigation({
         st.Page("app_pages/compare_prompts.py", title="Compare prompts"),
         st.Page("app_pages/domains.py", title="Domains"),
         st.Page("app_pages/corpus_run.py", title="Corpus run"),
+        st.Page("app_pages/compare_variants.py", title="Compare variants"),
     ],
     "Lab": [
         st.Page("app_pages/routing_lab.py", title="Routing lab"),
         st.Page("app_pages/intervene.py", title="Intervene"),
+        st.Page("app_pages/contrast.py", title="Contrast"),
     ],
     "Model": [
         st.Page("app_pages/models.py", title="Models"),

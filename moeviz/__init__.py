@@ -1,7 +1,9 @@
 """moeviz: see how a Mixture-of-Experts language model routes every token to its experts.
 
 `moeviz.trace_text(model_or_path, text)` returns a `RoutingTrace`; `moeviz.intervene(model_or_path,
-text, ablate={layer: [experts]})` re-runs the text with the routing changed; `moeviz.metrics` and
+text, ablate={layer: [experts]})` re-runs the text with the routing changed;
+`moeviz.compare_variants(model_a, model_b, text)` pairs two variants of one model (16-bit and 4-bit,
+two checkpoints) token by token; `moeviz.metrics` and
 `moeviz.charts` (`moeviz.analysis.metrics`, `moeviz.views.charts`) turn traces into numbers and
 Plotly figures.
 
@@ -21,6 +23,7 @@ from importlib import import_module
 _LAZY = {
     "trace_text": "moeviz.api",
     "intervene": "moeviz.api",
+    "compare_variants": "moeviz.api",
     "load_model": "moeviz.model.loading",
     "RoutingTrace": "moeviz.trace",
     "Sampling": "moeviz.model.generation",

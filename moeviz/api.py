@@ -6,6 +6,7 @@ the same text re-run with the routing changed.
     >>> moeviz.charts.expert_load_chart(moeviz.metrics.expert_load(trace)[0], 2 / 8)
     >>> result = moeviz.intervene("assets/model", "def f(x): return x + 1", ablate={2: [5]})
     >>> result.changed_logprobs - result.baseline_logprobs
+    >>> moeviz.compare_variants("assets/model", moeviz.load_model("assets/model", quantization="nf4"), text)
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from moeviz.analysis import variants
 from moeviz.model import capture, generation, interventions
 from moeviz.model.loading import LoadedModel, load_model
+from moeviz.model.tokens import tokenize
 from moeviz.trace import RoutingTrace
 
 
@@ -73,6 +76,32 @@ def intervene(
         loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id, max_tokens=max_tokens,
         continuation_tokens=continuation_tokens,
     )
+
+
+def compare_variants(
+    model_a: str | Path | LoadedModel,
+    model_b: str | Path | LoadedModel,
+    text: str,
+    *,
+    max_tokens: int = capture.DEFAULT_MAX_TOKENS,
+    include_special: bool = False,
+) -> variants.VariantComparison:
+    """`text` through two variants of one model, e.g. 16-bit and 4-bit, or two checkpoints that
+    share a tokenizer: local folders or hub ids (loaded with the defaults) or `LoadedModel`s, such as
+    `load_model(path, quantization="nf4")`. Refuses (`TokenizationMismatch`) before running either
+    model when their tokenizers split the text differently.
+
+    `.first_choice_agreement` and `.topk_overlap` per MoE layer, `.first_choice_differs`
+    [layers, tokens], `.delta_logprobs` (B − A) of each actual next token."""
+    loaded_a, loaded_b = _as_loaded(model_a, None, {}), _as_loaded(model_b, None, {})
+    split_a, split_b = (tokenize(loaded.tokenizer, text, max_tokens) for loaded in (loaded_a, loaded_b))
+    variants.check_same_tokens(split_a.ids, split_b.ids, split_a.tokens, split_b.tokens)
+    (trace_a, predictions_a), (trace_b, predictions_b) = (
+        interventions.traced_predictions(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id,
+                                         max_tokens=max_tokens)
+        for loaded in (loaded_a, loaded_b))
+    return variants.VariantComparison(trace_a, trace_b, predictions_a.logprobs, predictions_b.logprobs,
+                                      include_special=include_special)
 
 
 def _as_loaded(model, tokenizer, load_options: dict) -> LoadedModel:

@@ -5,6 +5,7 @@
     moeviz serve                                              the app, on http://127.0.0.1:8501
     moeviz info                                               what a MoE model is, how it routes
     moeviz intervene "def f(x):" --ablate 2:5,7               re-run with experts ablated: the effect
+    moeviz variants "def f(x):" --quantization-b nf4          the model against its 4-bit self, token by token
 
 Commands import torch only once they need a model (moeviz.analysis.metrics does not), so `--help`,
 argument errors and `serve` answer at once. Errors are one line on stderr, without a traceback.
@@ -136,6 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
                            help="also let both models continue the text greedily for N tokens")
     _max_tokens_option(intervene, "cut the text after N tokens")
     _model_option(intervene)
+
+    variants = _command(commands, "variants", variants_command, "compare two variants of a model on one text", (
+        "Run a text through model A (--model) and model B (--model-b, default: the same model) and print, per MoE "
+        "layer, how often their first-choice experts agree and how much their top-k sets overlap, then the "
+        "perplexity of each and the tokens whose log-probability moved most. The two must share a tokenizer."
+    ))
+    variants.add_argument("text", help="the text to run")
+    variants.add_argument("--model-b", metavar="PATH_OR_ID", help="model B (default: model A's source)")
+    variants.add_argument("--quantization-b", choices=("auto", "none", "nf4"),
+                          help="model B's weights storage (default: nf4 for model A's source, else auto)")
+    _max_tokens_option(variants, "cut the text after N tokens")
+    _model_option(variants)
 
     atlas = _command(commands, "atlas", atlas_command, "what each expert does, over a run or trace files", (
         "Per MoE layer: MaxVio, coefficient of variation, Jain's index and dead experts; per expert: its "
@@ -510,6 +523,45 @@ def intervention_summary(result) -> str:
     if result.baseline_continuation or result.changed_continuation:
         lines.append(f"continuation before: {result.baseline_continuation!r}")
         lines.append(f"continuation after:  {result.changed_continuation!r}")
+    return "\n".join(lines)
+
+
+# -- variants ----------------------------------------------------------------------------------
+
+
+def variants_command(args) -> int:
+    from moeviz.api import compare_variants
+    from moeviz.model.loading import load_model
+    from moeviz.model.planning import STORAGE_NAMES
+
+    source_b = args.model_b or _model_source(args)
+    default_b = "nf4" if source_b == _model_source(args) else "auto"
+    model_a = _load(args)
+    model_b = load_model(source_b, **(_load_options(args) | {"quantization": args.quantization_b or default_b}))
+    print(variants_summary(compare_variants(model_a, model_b, args.text, max_tokens=args.max_tokens),
+                           *(f"{m.model_id} ({STORAGE_NAMES.get(m.quantization, m.quantization)})" for m in (model_a, model_b))))
+    return 0
+
+
+def variants_summary(comparison, name_a: str, name_b: str) -> str:
+    """A plain-text account of a VariantComparison: agreement per layer, perplexities, the tokens
+    whose log-probability moved most."""
+    from moeviz.analysis import effects
+
+    a = comparison.a
+    lines = [f"A: {name_a}; B: {name_b}; {a.num_tokens} tokens",
+             f"per MoE layer: first-choice agreement, top-{a.top_k} overlap"]
+    lines += [f"  {a.layer_label(n):<8} {first:7.1%} {overlap:7.1%}"
+              for n, first, overlap in zip(a.layer_ids, comparison.first_choice_agreement, comparison.topk_overlap)]
+    if a.num_tokens >= 2:
+        delta = comparison.delta_logprobs
+        lines.append(f"perplexity A {effects.perplexity(comparison.logprobs_a):.3f}, B "
+                     f"{effects.perplexity(comparison.logprobs_b):.3f}; mean log-prob change of the next token "
+                     f"(B - A) {delta.mean():+.4f}")
+        lines.append("largest changes in the log-prob of the next token:")
+        for t in np.argsort(-np.abs(delta), kind="stable")[:5]:
+            lines.append(f"  after {a.tokens[t]!r:<16} next {a.tokens[t + 1]!r:<16} {comparison.logprobs_a[t]:8.3f} -> "
+                         f"{comparison.logprobs_b[t]:8.3f} ({delta[t]:+.3f})")
     return "\n".join(lines)
 
 

@@ -141,3 +141,13 @@ def test_a_page_waits_for_its_turn_on_the_model():
     holder.join(5)
     assert not runner.is_alive() and not app.exception and queue.waiting == 0
     assert any(" tokens · " in c.value for c in app.caption)  # the trace came back
+
+
+def test_compare_variants_offers_only_the_allowed_models_for_model_b(team):
+    """Model B comes from $MOEVIZ_MODELS, never from a typed path or hub id."""
+    app = sign_in(start(), TOKEN)
+    app.switch_page("app_pages/compare_variants.py").run()
+    app.radio(key="variants_b").set_value("another local model or checkpoint").run()
+    assert not app.exception, [e.message for e in app.exception]
+    assert not [t for t in app.text_input if t.key == "variants_b_source"]
+    assert app.selectbox(key="variants_b_name").options == ["bundled"]

@@ -612,8 +612,10 @@ def run_intervention(
     """`text` through `model` without and with `intervention`. With `continuation_tokens`, the
     model also continues the text greedily, both ways (decoder-only models)."""
     plan(model, intervention)  # refuse before running anything
-    baseline, baseline_predictions = _traced(model, tokenizer, text, Intervention(), model_id, max_tokens)
-    changed, changed_predictions = _traced(model, tokenizer, text, intervention, model_id, max_tokens)
+    baseline, baseline_predictions = traced_predictions(model, tokenizer, text, Intervention(), model_id=model_id,
+                                                        max_tokens=max_tokens)
+    changed, changed_predictions = traced_predictions(model, tokenizer, text, intervention, model_id=model_id,
+                                                      max_tokens=max_tokens)
     continuations = ("", "")
     if continuation_tokens:
         ids = tokenize(tokenizer, text, max_tokens).ids
@@ -622,7 +624,10 @@ def run_intervention(
     return InterventionResult(intervention, baseline, changed, baseline_predictions, changed_predictions, *continuations)
 
 
-def _traced(model, tokenizer, text, intervention, model_id, max_tokens) -> tuple[RoutingTrace, Predictions]:
+def traced_predictions(model, tokenizer, text: str, intervention: Intervention = Intervention(), *, model_id: str = "",
+                       max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[RoutingTrace, Predictions]:
+    """The routing of `text` through `model` with `intervention` (none by default), and what the
+    model predicts after each of its tokens."""
     with intervening(model, intervention) as call:
         trace = trace_text(model, tokenizer, text, model_id=model_id, max_tokens=max_tokens, all_logits=True)
     logits = call.output_logits[0]
