@@ -59,11 +59,12 @@ def flat_reference(packed, state) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape", [(5, 37, 23), (4, 128, 64), (3, 2, 64 * 300), (6, 96, 32)])
+@pytest.mark.parametrize("shape", [(5, 37, 23), (4, 128, 64), (3, 2, 64 * 300), (6, 96, 32), (3, 4, 64 * 128)])
 def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_quant):
     """Experts whose size is not a multiple of the 64-weight block (37 x 23 = 851) share blocks
     with their neighbours; with double quantization their absmax sits in 256-block runs that
-    straddle experts (third shape: 300 blocks an expert)."""
+    straddle experts (third shape: 300 blocks an expert), or that experts hold whole (last shape:
+    512 blocks, two runs, as Mixtral-8x7B's 3,584)."""
     weights = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     quantize._bitsandbytes(torch.device("cpu"))
     packed, state = quantize._quantize_nf4(weights, double_quant)

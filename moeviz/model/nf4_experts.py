@@ -135,13 +135,9 @@ def dequantize_rows(packed: torch.Tensor, state, rows: torch.Tensor) -> torch.Te
     if per_row % state.blocksize:
         runs = [_dequantize_range(packed, state, r * per_row, (r + 1) * per_row) for r in rows.tolist()]
         return torch.stack(runs).view(len(runs), *state.shape[1:])
-    functional = _bnb().functional
-    blocks = per_row // state.blocksize
-    block_ids = (rows[:, None] * blocks + torch.arange(blocks, device=rows.device)).reshape(-1)
     picked = packed.view(-1, per_row // 2).index_select(0, rows)
-    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(rows.numel() * per_row,), dtype=state.dtype,
-                                 blocksize=state.blocksize, code=state.code, quant_type=state.quant_type)
-    return functional.dequantize_4bit(picked.view(-1, 1), part).view(rows.numel(), *state.shape[1:])
+    values = _dequantize_blocks(picked, _absmax_of_rows(state, rows, per_row // state.blocksize), state)
+    return values.view(rows.numel(), *state.shape[1:])
 
 
 def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
@@ -162,26 +158,64 @@ def _follow(packed: torch.Tensor, state) -> None:
 
 def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> torch.Tensor:
     """Weights [start, stop) of a flattened 4-bit tensor, float in the state's dtype."""
-    functional = _bnb().functional
     block = state.blocksize
     first, last = start // block, -(-stop // block)
     lo, hi = first * block, min(last * block, math.prod(state.shape))
-    block_ids = torch.arange(first, last, device=packed.device)
-    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(hi - lo,), dtype=state.dtype, blocksize=block,
-                                 code=state.code, quant_type=state.quant_type)
-    values = functional.dequantize_4bit(packed.view(-1)[lo // 2 : (hi + 1) // 2].view(-1, 1), part)
+    values = _dequantize_blocks(packed.view(-1)[lo // 2 : (hi + 1) // 2], _absmax_range(state, first, last), state,
+                                numel=hi - lo)
     return values.reshape(-1)[start - lo : stop - lo]
 
 
-def _absmax(state, block_ids: torch.Tensor) -> torch.Tensor:
-    """float32 absmax of the blocks `block_ids`. With double quantization, as bitsandbytes'
-    `dequantize_blockwise` computes it for those entries alone: code[q] x nested absmax of its
-    run of 256, plus the offset."""
+def _dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, state, numel: int | None = None) -> torch.Tensor:
+    """`numel` weights (all of `packed` by default) from consecutive blocks with float32 `absmax`,
+    the last block possibly partial. Handed to bitsandbytes as one block a row when the blocks are
+    whole: its CPU kernel is fastest so (~25% over one flat row), and never meets the odd
+    multiples of 32 it gets wrong (`dequantize_whole`)."""
+    functional = _bnb().functional
+    numel = packed.numel() * 2 if numel is None else numel
+    block = state.blocksize
+    shape = (numel // block, block) if numel % block == 0 else (numel,)
+    part = functional.QuantState(absmax=absmax, shape=shape, dtype=state.dtype, blocksize=block, code=state.code,
+                                 quant_type=state.quant_type)
+    return functional.dequantize_4bit(packed.reshape(-1, 1), part)
+
+
+def _absmax_range(state, first: int, last: int) -> torch.Tensor:
+    """float32 absmax of blocks [first, last). With double quantization, bitsandbytes'
+    `dequantize_blockwise` runs on the whole runs of 256 that hold them, as it does on the whole
+    tensor's, plus the offset: the same numbers."""
     if not state.nested:
-        return state.absmax[block_ids].float()
+        return state.absmax[first:last].float()
+    run = state.state2.blocksize
+    runs = slice(first // run, -(-last // run))
+    values = _dequantize_absmax(state, state.absmax[runs.start * run : runs.stop * run], state.state2.absmax[runs])
+    return values[first - runs.start * run : last - runs.start * run]
+
+
+def _absmax_of_rows(state, rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """float32 absmax of rows `rows` of `blocks` blocks each, concatenated. With double
+    quantization and rows of whole runs of 256 blocks (experts of real models: Mixtral-8x7B's
+    hold 3,584 runs), gathered by row and dequantized by bitsandbytes as in `_absmax_range`;
+    otherwise entry by entry, as `dequantize_blockwise` computes each: code[q] x the nested absmax
+    of its run, plus the offset."""
+    if not state.nested:
+        return state.absmax.view(-1, blocks).index_select(0, rows).reshape(-1).float()
     nested = state.state2
+    if blocks % nested.blocksize == 0:
+        codes = state.absmax.view(-1, blocks).index_select(0, rows).reshape(-1)
+        scales = nested.absmax.view(-1, blocks // nested.blocksize).index_select(0, rows).reshape(-1)
+        return _dequantize_absmax(state, codes, scales)
+    block_ids = (rows[:, None] * blocks + torch.arange(blocks, device=rows.device)).reshape(-1)
     values = nested.code[state.absmax[block_ids].long()] * nested.absmax[block_ids // nested.blocksize]
     return (values + state.offset).float()
+
+
+def _dequantize_absmax(state, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Doubly quantized absmax `codes` (uint8, whole runs but perhaps the last) with their runs'
+    float32 `scales`, dequantized: float32."""
+    functional = _bnb().functional
+    nested = state.state2
+    return functional.dequantize_blockwise(codes, absmax=scales, code=nested.code, blocksize=nested.blocksize) + state.offset
 
 
 def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
