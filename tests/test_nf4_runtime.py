@@ -119,6 +119,38 @@ def test_4bit_generation_equals_the_whole_layer_path(tokenizer):
     np.testing.assert_array_equal(hit.router_logits, whole.router_logits)
 
 
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="this CPU has no AVX512-BF16: bitsandbytes never packs")
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_packed_linear_forward_equals_bitsandbytes_linear4bit_forward(monkeypatch, family):
+    """bf16 4-bit model, 64 wide so that bitsandbytes packs attention for its AVX512-BF16 kernel:
+    moeviz's direct call of that kernel gives bitwise the logits of `Linear4bit.forward`, for one
+    token and many, with biases (Qwen2-MoE's q/k/v) and without (Mixtral)."""
+    model_class, config = {"mixtral": (MixtralForCausalLM, tiny_mixtral_config()),
+                           "qwen2_moe": (Qwen2MoeForCausalLM, tiny_qwen2_moe_config())}[family]
+    config.hidden_size = 64
+    model = nf4(model_class, config, dtype=torch.bfloat16)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.support_avx512bf16_for_cpu]
+    assert linears and all(m.forward.func is nf4_experts.packed_linear_forward for m in linears)
+    with torch.inference_mode():
+        model(ids)  # bitsandbytes packs each weight on its first forward
+        with monkeypatch.context() as patched:
+            own_forward = bnb.nn.Linear4bit.forward
+
+            def only_unpacked(module, x):  # the 400-wide lm_head is not packed: its own forward runs
+                assert module not in linears, "Linear4bit.forward ran on a packed layer"
+                return own_forward(module, x)
+
+            patched.setattr(bnb.nn.Linear4bit, "forward", only_unpacked)
+            direct = [model(ids[:1, :1]).logits, model(ids).logits]
+        for module in linears:
+            del module.forward
+        own = [model(ids[:1, :1]).logits, model(ids).logits]
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in linears)
+    for a, b in zip(direct, own):
+        assert torch.equal(a, b)
+
+
 class DequantizedBytes:
     """Bytes bitsandbytes dequantizes while an experts module runs, and outside one."""
 

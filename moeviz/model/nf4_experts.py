@@ -14,8 +14,10 @@ Which path runs when (transformers 5.24):
 - Other experts classes (Llama 4's bmm over the whole tensors, LongCat-Flash, Step3) keep their
   own forward: each access to a fused tensor dequantizes it whole, through the parametrization.
 - A 4-bit `nn.Embedding` looks up only the rows of its ids (`nf4_embedding_forward`); a tied
-  lm_head needs the whole table and dequantizes it whole, as attention's `Linear4bit`s do
-  inside bitsandbytes.
+  lm_head needs the whole table and dequantizes it whole.
+- bitsandbytes' `Linear4bit`s (attention, untied lm_heads) dequantize inside bitsandbytes, or on
+  a CPU with AVX512-BF16 multiply by the 4-bit weights in its packed kernel, which moeviz calls
+  without the Python layers around it (`packed_linear_forward`).
 
 Memory under concurrent sessions: bitsandbytes' own `replace_parameter_4bit` switches on
 PyTorch's parametrization cache around each experts module, and that cache is process-global
@@ -228,6 +230,25 @@ def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torc
                                    module.sparse)
 
 
+def packed_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A `Linear4bit`'s forward that calls bitsandbytes' AVX512-BF16 CPU kernel (`gemv_4bit`, any
+    number of rows) on the weight it has packed for it, with the plain tensor under `Params4bit`,
+    as `Linear4bit.forward` -> `matmul_4bit` -> `functional.gemv_4bit` end up doing: the same
+    numbers, at a quarter of the Python cost of those layers (~10 us of the kernel's ~30 on
+    attention's 192-wide projections of the bundled model, benchmarks/nf4_decode.py). Any other
+    case (not packed yet: bitsandbytes packs on the first call; training; gradients; another
+    device) runs `Linear4bit.forward`."""
+    state = module.weight.quant_state
+    if (not getattr(state, "packing_format_for_cpu", False) or module.training or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return type(module).forward(module, x)
+    out = torch.ops.bitsandbytes.gemv_4bit.default(x.to(module.compute_dtype), module.weight.data, state.shape,
+                                                   state.absmax, state.code, state.blocksize)
+    if module.bias is not None:
+        out += module.bias.to(module.compute_dtype)
+    return out.to(x.dtype)
+
+
 # -- one layer at a time per model -----------------------------------------------------------------
 
 
@@ -254,8 +275,9 @@ class ExpertsLock:
 
 def prepare_nf4_model(model: nn.Module) -> None:
     """Set up a model whose fused experts were just parametrized to NF4: one `ExpertsLock` (as
-    `model.nf4_experts_lock`) around every 4-bit experts module, and the hit-experts forward where
-    its experts classes dispatch through transformers' experts interface."""
+    `model.nf4_experts_lock`) around every 4-bit experts module, the hit-experts forward where
+    its experts classes dispatch through transformers' experts interface, the row lookup on 4-bit
+    embeddings, and the direct packed kernel on `Linear4bit`s that bitsandbytes may pack."""
     if hasattr(model, "nf4_experts_lock"):
         return
     lock = model.nf4_experts_lock = ExpertsLock()
@@ -265,10 +287,13 @@ def prepare_nf4_model(model: nn.Module) -> None:
         module.register_forward_hook(lock.give_back, always_call=True)
     if any(hasattr(module, "has_gate") and hasattr(module, "is_transposed") for module in experts):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)  # set by @use_experts_implementation
+    linear4bit = _bnb().nn.Linear4bit
     for module in model.modules():
         # Only nn.Embedding's own forward is replaced: subclasses (scaled embeddings) keep theirs.
         if type(module).forward is nn.Embedding.forward and "weight" in _nf4_states(module):
             module.forward = partial(nf4_embedding_forward, module)
+        elif type(module) is linear4bit and module.support_avx512bf16_for_cpu:
+            module.forward = partial(packed_linear_forward, module)
 
 
 def _has_4bit_experts(module: nn.Module) -> bool:
