@@ -17,7 +17,7 @@ Which path runs when (transformers 5.24):
   lm_head needs the whole table and dequantizes it whole.
 - bitsandbytes' `Linear4bit`s (attention, untied lm_heads) dequantize inside bitsandbytes, or on
   a CPU with AVX512-BF16 multiply by the 4-bit weights in its packed kernel, which moeviz calls
-  without the Python layers around it (`packed_linear_forward`).
+  directly, without the Python layers around it (`packed_linear_forward`).
 
 Memory under concurrent sessions: bitsandbytes' own `replace_parameter_4bit` switches on
 PyTorch's parametrization cache around each experts module, and that cache is process-global
@@ -31,6 +31,7 @@ the rest of the forward pass still run in parallel.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import threading
@@ -97,17 +98,15 @@ def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
     transformers' grouped_mm forward computes exactly what it computes on the whole layer.
     On a GPU, finding which experts were hit (`torch.unique`) costs one synchronisation per layer.
     """
-    hit = torch.unique(top_k_index)
-    renumber = torch.zeros(self.num_experts, dtype=top_k_index.dtype, device=top_k_index.device)
-    renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=hit.device)
+    hit, renumbered = torch.unique(top_k_index, return_inverse=True)
     weights = {}
     for name, plist in self.parametrizations.items():
         weights[name] = dequantize_rows(plist.original, plist[0].quant_state, hit)
     for name, param in self.named_parameters(recurse=False):  # biases [experts, ...]; routers are elsewhere
         if param.shape[:1] == (self.num_experts,):
             weights[name] = param[hit]
-    return grouped_mm_experts_forward(_HitExperts(self, weights, hit.numel()), hidden_states, renumber[top_k_index],
-                                      top_k_weights)
+    return grouped_mm_experts_forward(_HitExperts(self, weights, hit.numel()), hidden_states,
+                                      renumbered.to(top_k_index.dtype), top_k_weights)
 
 
 class _HitExperts:
@@ -231,22 +230,28 @@ def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torc
 
 
 def packed_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A `Linear4bit`'s forward that calls bitsandbytes' AVX512-BF16 CPU kernel (`gemv_4bit`, any
-    number of rows) on the weight it has packed for it, with the plain tensor under `Params4bit`,
-    as `Linear4bit.forward` -> `matmul_4bit` -> `functional.gemv_4bit` end up doing: the same
-    numbers, at a quarter of the Python cost of those layers (~10 us of the kernel's ~30 on
-    attention's 192-wide projections of the bundled model, benchmarks/nf4_decode.py). Any other
-    case (not packed yet: bitsandbytes packs on the first call; training; gradients; another
-    device) runs `Linear4bit.forward`."""
+    """A `Linear4bit`'s forward that runs bitsandbytes' AVX512-BF16 CPU kernel on the weight it
+    has packed for it, called as bitsandbytes' CPU backend calls it (`backends/cpu/ops.py`,
+    `gemv_4bit`; any number of rows) without the layers above it (`Linear4bit.forward`,
+    `matmul_4bit`, `functional.gemv_4bit`, the custom-op dispatch): the same numbers, and on the
+    bundled model's 192-wide attention projections a call costs a fraction of those layers'
+    Python (benchmarks/RESULTS.md). Any other case (not packed yet: bitsandbytes packs on the
+    first call; training; gradients; another device) runs `Linear4bit.forward`."""
     state = module.weight.quant_state
     if (not getattr(state, "packing_format_for_cpu", False) or module.training or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)):
         return type(module).forward(module, x)
-    out = torch.ops.bitsandbytes.gemv_4bit.default(x.to(module.compute_dtype), module.weight.data, state.shape,
-                                                   state.absmax, state.code, state.blocksize)
+    rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1]).contiguous()  # packed: the compute dtype is bf16
+    out = torch.empty(rows.shape[0], state.shape[0], dtype=torch.bfloat16)
+    functional = _bnb().functional
+    functional.lib.gemv_4bit_inference_cpu_nf4_bf16(
+        ctypes.c_int64(rows.shape[0]), ctypes.c_int64(state.shape[0]), ctypes.c_int64(rows.shape[1]),
+        functional.get_ptr(rows), functional.get_ptr(module.weight.data), functional.get_ptr(state.absmax),
+        functional.get_ptr(out), ctypes.c_int64(state.blocksize), ctypes.c_int64(rows.stride(0)),
+        ctypes.c_int64(out.stride(0)))
     if module.bias is not None:
-        out += module.bias.to(module.compute_dtype)
-    return out.to(x.dtype)
+        out += module.bias.to(torch.bfloat16)
+    return out.view(*x.shape[:-1], state.shape[0]).to(x.dtype)
 
 
 # -- one layer at a time per model -----------------------------------------------------------------
