@@ -20,7 +20,9 @@ decode steps alone. Each round runs the variants in the order A B C C B A; a rou
 Bytes dequantized: one decoded token, counting every tensor `bitsandbytes.functional.
 dequantize_4bit` returns while an experts module runs ("experts") and outside one ("other":
 the embedding and a tied lm_head); bitsandbytes' Linear4bit layers (attention, an untied
-lm_head) dequantize inside their own kernels and are not counted. "k experts used" = MoE
+lm_head) are not counted: in bf16 on a CPU with AVX512-BF16 they multiply by the 4-bit weights
+in bitsandbytes' packed kernel and dequantize nothing, elsewhere they dequantize inside
+bitsandbytes. "k experts used" = MoE
 layers x k x bytes of one expert in bf16.
 
     .venv/bin/python benchmarks/nf4_decode.py [--rounds 5] [--steps 16] [--threads 1] [--skip-mixtral]

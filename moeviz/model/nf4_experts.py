@@ -233,9 +233,9 @@ def packed_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A `Linear4bit`'s forward that runs bitsandbytes' AVX512-BF16 CPU kernel on the weight it
     has packed for it, called as bitsandbytes' CPU backend calls it (`backends/cpu/ops.py`,
     `gemv_4bit`; any number of rows) without the layers above it (`Linear4bit.forward`,
-    `matmul_4bit`, `functional.gemv_4bit`, the custom-op dispatch): the same numbers, and on the
-    bundled model's 192-wide attention projections a call costs a fraction of those layers'
-    Python (benchmarks/RESULTS.md). Any other case (not packed yet: bitsandbytes packs on the
+    `matmul_4bit`, `functional.gemv_4bit`, the custom-op dispatch): the same numbers, without
+    Python that costs more than the kernel itself on small projections such as the bundled
+    model's (192 wide, 20 a token). Any other case (not packed yet: bitsandbytes packs on the
     first call; training; gradients; another device) runs `Linear4bit.forward`."""
     state = module.weight.quant_state
     if (not getattr(state, "packing_format_for_cpu", False) or module.training or x.device.type != "cpu"
