@@ -58,20 +58,35 @@ def flat_reference(packed, state) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(packed, flat).view(state.shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", [(5, 37, 23), (4, 128, 64), (3, 2, 64 * 300), (6, 96, 32), (3, 4, 64 * 128)])
-def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_quant):
+def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_quant, dtype):
     """Experts whose size is not a multiple of the 64-weight block (37 x 23 = 851) share blocks
     with their neighbours; with double quantization their absmax sits in 256-block runs that
     straddle experts (third shape: 300 blocks an expert), or that experts hold whole (last shape:
-    512 blocks, two runs, as Mixtral-8x7B's 3,584)."""
-    weights = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    512 blocks, two runs, as Mixtral-8x7B's 3,584). On the CPU moeviz calls bitsandbytes' kernel
+    itself; the reference goes through `functional.dequantize_4bit`."""
+    weights = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     quantize._bitsandbytes(torch.device("cpu"))
     packed, state = quantize._quantize_nf4(weights, double_quant)
     whole = flat_reference(packed, state)
     picked = [shape[0] - 1, 0, 1]
     assert torch.equal(nf4_experts.dequantize_rows(packed, state, torch.tensor(picked)), whole[picked])
     assert torch.equal(nf4_experts.dequantize_whole(packed, state), whole)
+
+
+def test_whole_nf4_blocks_on_the_cpu_go_to_bitsandbytes_kernel_directly(monkeypatch):
+    """Rows and whole tensors made of whole 64-weight blocks skip `functional.dequantize_4bit`
+    (its Python costs about as much as the kernel on a bundled-model expert), with its numbers."""
+    weights = torch.randn(4, 128, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    quantize._bitsandbytes(torch.device("cpu"))
+    packed, state = quantize._quantize_nf4(weights, double_quant=True)
+    whole = flat_reference(packed, state)
+    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *_: pytest.fail("functional.dequantize_4bit ran"))
+    assert torch.equal(nf4_experts.dequantize_rows(packed, state, torch.tensor([3, 1])), whole[[3, 1]])
+    assert torch.equal(nf4_experts.dequantize_whole(packed, state), whole)
+    assert nf4_experts._native_function("no_such_function") is None  # another build: functional.dequantize_4bit
 
 
 @pytest.mark.parametrize("width", [32, 96])
@@ -152,12 +167,13 @@ def test_packed_linear_forward_equals_bitsandbytes_linear4bit_forward(monkeypatc
 
 
 class DequantizedBytes:
-    """Bytes bitsandbytes dequantizes while an experts module runs, and outside one."""
+    """Bytes dequantized while an experts module runs, and outside one: everything moeviz
+    dequantizes goes through `nf4_experts._dequantize_blocks`."""
 
     def __init__(self, monkeypatch, model):
         self.experts = self.other = 0
         self._inside = 0
-        real = bnb.functional.dequantize_4bit
+        real = nf4_experts._dequantize_blocks
 
         def counting(*args, **kwargs):
             out = real(*args, **kwargs)
@@ -168,7 +184,7 @@ class DequantizedBytes:
                 self.other += size
             return out
 
-        monkeypatch.setattr(bnb.functional, "dequantize_4bit", counting)
+        monkeypatch.setattr(nf4_experts, "_dequantize_blocks", counting)
         for module in model.modules():
             if nf4_experts._has_4bit_experts(module):
                 module.register_forward_pre_hook(lambda *_: setattr(self, "_inside", self._inside + 1))

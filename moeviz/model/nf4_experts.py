@@ -169,16 +169,49 @@ def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> tor
 
 def _dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, state, numel: int | None = None) -> torch.Tensor:
     """`numel` weights (all of `packed` by default) from consecutive blocks with float32 `absmax`,
-    the last block possibly partial. Handed to bitsandbytes as one block a row when the blocks are
-    whole: its CPU kernel is fastest so (~25% over one flat row), and never meets the odd
-    multiples of 32 it gets wrong (`dequantize_whole`)."""
+    the last block possibly partial: every dequantization moeviz does comes here (the bytes
+    benchmarks/nf4_decode.py counts). Whole NF4 blocks on the CPU go to bitsandbytes' CPU kernel
+    as its CPU backend calls it (`backends/cpu/ops.py`, `dequantize_4bit`), one block a row,
+    without `functional.dequantize_4bit` and the custom-op dispatch above it, which cost about as
+    much as the kernel on an expert of the bundled model; one block a row is also the kernel's
+    fastest shape (~25% over one flat row) and never the odd multiples of 32 it gets wrong
+    (`dequantize_whole`). Anything else goes through `functional.dequantize_4bit`."""
     functional = _bnb().functional
     numel = packed.numel() * 2 if numel is None else numel
     block = state.blocksize
-    shape = (numel // block, block) if numel % block == 0 else (numel,)
-    part = functional.QuantState(absmax=absmax, shape=shape, dtype=state.dtype, blocksize=block, code=state.code,
+    kernel = _cpu_nf4_kernel(packed, state) if numel % block == 0 else None
+    if kernel is not None:
+        packed = packed.contiguous()
+        out = torch.empty(numel // block, block, dtype=state.dtype)
+        kernel(functional.get_ptr(packed), functional.get_ptr(absmax), functional.get_ptr(out), ctypes.c_longlong(block),
+               ctypes.c_longlong(numel // block), ctypes.c_longlong(block))
+        return out
+    part = functional.QuantState(absmax=absmax, shape=(numel,), dtype=state.dtype, blocksize=block, code=state.code,
                                  quant_type=state.quant_type)
     return functional.dequantize_4bit(packed.reshape(-1, 1), part)
+
+
+_CPU_NF4_KERNELS = {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32", torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16",
+                    torch.float16: "cdequantize_blockwise_cpu_nf4_fp16"}
+
+
+def _cpu_nf4_kernel(packed: torch.Tensor, state):
+    """bitsandbytes' CPU kernel that dequantizes NF4 to the state's dtype, or None where it does
+    not apply (another device or quantization type, no such kernel)."""
+    if packed.device.type != "cpu" or state.quant_type != "nf4" or state.dtype not in _CPU_NF4_KERNELS:
+        return None
+    return _native_function(_CPU_NF4_KERNELS[state.dtype])
+
+
+@cache
+def _native_function(name: str):
+    """A function of bitsandbytes' native library, or None: no native library loaded (bitsandbytes
+    then runs its PyTorch fallbacks), or a build without it. (bitsandbytes' own wrapper answers
+    every name, with a function that raises when called.)"""
+    cextension = _bnb().cextension
+    if isinstance(cextension.lib, cextension.ErrorHandlerMockBNBNativeLibrary):
+        return None
+    return getattr(cextension.lib._lib, name, None)
 
 
 def _absmax_range(state, first: int, last: int) -> torch.Tensor:
@@ -241,10 +274,13 @@ def packed_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if (not getattr(state, "packing_format_for_cpu", False) or module.training or x.device.type != "cpu"
             or (torch.is_grad_enabled() and x.requires_grad)):
         return type(module).forward(module, x)
+    kernel = _native_function("gemv_4bit_inference_cpu_nf4_bf16")
+    if kernel is None:
+        return type(module).forward(module, x)
+    functional = _bnb().functional
     rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1]).contiguous()  # packed: the compute dtype is bf16
     out = torch.empty(rows.shape[0], state.shape[0], dtype=torch.bfloat16)
-    functional = _bnb().functional
-    functional.lib.gemv_4bit_inference_cpu_nf4_bf16(
+    kernel(
         ctypes.c_int64(rows.shape[0]), ctypes.c_int64(state.shape[0]), ctypes.c_int64(rows.shape[1]),
         functional.get_ptr(rows), functional.get_ptr(module.weight.data), functional.get_ptr(state.absmax),
         functional.get_ptr(out), ctypes.c_int64(state.blocksize), ctypes.c_int64(rows.stride(0)),
