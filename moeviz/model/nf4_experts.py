@@ -18,6 +18,10 @@ Which path runs when (transformers 5.24):
 - bitsandbytes' `Linear4bit`s (attention, untied lm_heads) dequantize inside bitsandbytes, or on
   a CPU with AVX512-BF16 multiply by the 4-bit weights in its packed kernel, which moeviz calls
   directly, without the Python layers around it (`packed_linear_forward`).
+- Everything above dequantizes through `_dequantize_blocks`: on the CPU bitsandbytes' native
+  kernel called as its CPU backend calls it, elsewhere `bitsandbytes.functional.dequantize_4bit`.
+  A decoded token of a small model makes dozens of such calls, and bitsandbytes' Python layers
+  (custom-op dispatch, checks) cost about as much as its kernels there.
 
 Memory under concurrent sessions: bitsandbytes' own `replace_parameter_4bit` switches on
 PyTorch's parametrization cache around each experts module, and that cache is process-global
