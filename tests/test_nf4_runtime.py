@@ -77,13 +77,15 @@ def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_
 
 
 def test_whole_nf4_blocks_on_the_cpu_go_to_bitsandbytes_kernel_directly(monkeypatch):
-    """Rows and whole tensors made of whole 64-weight blocks skip `functional.dequantize_4bit`
-    (its Python costs about as much as the kernel on a bundled-model expert), with its numbers."""
+    """Rows and whole tensors made of whole 64-weight blocks skip `functional.dequantize_4bit` and
+    `dequantize_blockwise` (their Python costs about as much as the kernels on a bundled-model
+    expert), with their numbers."""
     weights = torch.randn(4, 128, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     quantize._bitsandbytes(torch.device("cpu"))
     packed, state = quantize._quantize_nf4(weights, double_quant=True)
     whole = flat_reference(packed, state)
-    monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *_: pytest.fail("functional.dequantize_4bit ran"))
+    for name in ("dequantize_4bit", "dequantize_blockwise"):  # the weights, and the doubly quantized absmax
+        monkeypatch.setattr(bnb.functional, name, lambda *_, name=name, **__: pytest.fail(f"functional.{name} ran"))
     assert torch.equal(nf4_experts.dequantize_rows(packed, state, torch.tensor([3, 1])), whole[[3, 1]])
     assert torch.equal(nf4_experts.dequantize_whole(packed, state), whole)
     assert nf4_experts._native_function("no_such_function") is None  # another build: functional.dequantize_4bit

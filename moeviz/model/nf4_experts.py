@@ -250,10 +250,19 @@ def _absmax_of_rows(state, rows: torch.Tensor, blocks: int) -> torch.Tensor:
 
 def _dequantize_absmax(state, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Doubly quantized absmax `codes` (uint8, whole runs but perhaps the last) with their runs'
-    float32 `scales`, dequantized: float32."""
+    float32 `scales`, dequantized: float32. On the CPU in bitsandbytes' native kernel called as
+    its CPU backend calls it (see `_dequantize_blocks` for why), else `dequantize_blockwise`."""
     functional = _bnb().functional
     nested = state.state2
-    return functional.dequantize_blockwise(codes, absmax=scales, code=nested.code, blocksize=nested.blocksize) + state.offset
+    kernel = _native_function("cdequantize_blockwise_cpu_fp32") if codes.device.type == "cpu" else None
+    if kernel is None:
+        values = functional.dequantize_blockwise(codes, absmax=scales, code=nested.code, blocksize=nested.blocksize)
+    else:
+        codes = codes.contiguous()
+        values = torch.empty(codes.shape, dtype=torch.float32)
+        kernel(functional.get_ptr(nested.code), functional.get_ptr(codes), functional.get_ptr(scales),
+               functional.get_ptr(values), ctypes.c_longlong(nested.blocksize), ctypes.c_longlong(codes.numel()))
+    return values + state.offset
 
 
 def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
