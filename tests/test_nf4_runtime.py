@@ -80,7 +80,7 @@ def test_whole_nf4_blocks_on_the_cpu_go_to_bitsandbytes_kernel_directly(monkeypa
     """Rows and whole tensors made of whole 64-weight blocks skip `functional.dequantize_4bit` and
     `dequantize_blockwise` (their Python costs about as much as the kernels on a bundled-model
     expert), with their numbers."""
-    weights = torch.randn(4, 128, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    weights = torch.randn(4, 256, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)  # rows of 256 blocks
     quantize._bitsandbytes(torch.device("cpu"))
     packed, state = quantize._quantize_nf4(weights, double_quant=True)
     whole = flat_reference(packed, state)
