@@ -186,7 +186,7 @@ def _dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, state, numel:
     kernel = _cpu_nf4_kernel(packed, state) if numel % block == 0 else None
     if kernel is not None:
         packed = packed.contiguous()
-        out = torch.empty(numel // block, block, dtype=state.dtype)
+        out = torch.empty(numel // block, block, dtype=state.dtype, device=packed.device)
         kernel(functional.get_ptr(packed), functional.get_ptr(absmax), functional.get_ptr(out), ctypes.c_longlong(block),
                ctypes.c_longlong(numel // block), ctypes.c_longlong(block))
         return out
@@ -259,7 +259,7 @@ def _dequantize_absmax(state, codes: torch.Tensor, scales: torch.Tensor) -> torc
         values = functional.dequantize_blockwise(codes, absmax=scales, code=nested.code, blocksize=nested.blocksize)
     else:
         codes = codes.contiguous()
-        values = torch.empty(codes.shape, dtype=torch.float32)
+        values = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
         kernel(functional.get_ptr(nested.code), functional.get_ptr(codes), functional.get_ptr(scales),
                functional.get_ptr(values), ctypes.c_longlong(nested.blocksize), ctypes.c_longlong(codes.numel()))
     return values + state.offset
@@ -292,7 +292,7 @@ def packed_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return type(module).forward(module, x)
     functional = _bnb().functional
     rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1]).contiguous()  # packed: the compute dtype is bf16
-    out = torch.empty(rows.shape[0], state.shape[0], dtype=torch.bfloat16)
+    out = torch.empty(rows.shape[0], state.shape[0], dtype=torch.bfloat16, device=rows.device)
     kernel(
         ctypes.c_int64(rows.shape[0]), ctypes.c_int64(state.shape[0]), ctypes.c_int64(rows.shape[1]),
         functional.get_ptr(rows), functional.get_ptr(module.weight.data), functional.get_ptr(state.absmax),
