@@ -17,10 +17,13 @@ time with the KV cache, inside `recording_routers` as moeviz runs generation; to
 decode steps alone. Each round runs the variants in the order A B C C B A; a round's ratio is
 (nf4 time)/(16-bit time) summed over its two runs; the median over `--rounds` rounds.
 
-Bytes dequantized: one decoded token, counting every tensor `bitsandbytes.functional.
-dequantize_4bit` returns while an experts module runs ("experts") and outside one ("other":
+Bytes dequantized: one decoded token, counting every tensor moeviz's one dequantization route
+(`nf4_experts._dequantize_blocks`: bitsandbytes' CPU kernel, or `functional.dequantize_4bit`
+elsewhere) returns while an experts module runs ("experts") and outside one ("other":
 the embedding and a tied lm_head); bitsandbytes' Linear4bit layers (attention, an untied
-lm_head) dequantize inside their own kernels and are not counted. "k experts used" = MoE
+lm_head) are not counted: in bf16 on a CPU with AVX512-BF16 they multiply by the 4-bit weights
+in bitsandbytes' packed kernel and dequantize nothing, elsewhere they dequantize inside
+bitsandbytes. "k experts used" = MoE
 layers x k x bytes of one expert in bf16.
 
     .venv/bin/python benchmarks/nf4_decode.py [--rounds 5] [--steps 16] [--threads 1] [--skip-mixtral]
@@ -68,7 +71,7 @@ def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
 
 
 class DequantizedBytes:
-    """Bytes bitsandbytes dequantizes inside experts modules and outside them."""
+    """Bytes moeviz dequantizes inside experts modules and outside them."""
 
     def __init__(self, model):
         self.experts = self.other = 0
@@ -83,8 +86,7 @@ class DequantizedBytes:
         self._inside += step
 
     def __enter__(self):
-        functional = sys.modules["bitsandbytes"].functional
-        self._real = real = functional.dequantize_4bit
+        self._real = real = nf4_experts._dequantize_blocks
 
         def counting(*args, **kwargs):
             out = real(*args, **kwargs)
@@ -95,11 +97,11 @@ class DequantizedBytes:
                 self.other += size
             return out
 
-        functional.dequantize_4bit = counting
+        nf4_experts._dequantize_blocks = counting
         return self
 
     def __exit__(self, *exc):
-        sys.modules["bitsandbytes"].functional.dequantize_4bit = self._real
+        nf4_experts._dequantize_blocks = self._real
         for handle in self._handles:
             handle.remove()
 

@@ -58,19 +58,37 @@ def flat_reference(packed, state) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(packed, flat).view(state.shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("shape", [(5, 37, 23), (4, 128, 64), (3, 2, 64 * 300), (6, 96, 32)])
-def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_quant):
+@pytest.mark.parametrize("shape", [(5, 37, 23), (4, 128, 64), (3, 2, 64 * 300), (6, 96, 32), (3, 4, 64 * 128)])
+def test_dequantize_experts_equals_those_rows_of_the_whole_tensor(shape, double_quant, dtype):
     """Experts whose size is not a multiple of the 64-weight block (37 x 23 = 851) share blocks
     with their neighbours; with double quantization their absmax sits in 256-block runs that
-    straddle experts (third shape: 300 blocks an expert)."""
-    weights = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    straddle experts (third shape: 300 blocks an expert), or that experts hold whole (last shape:
+    512 blocks, two runs, as Mixtral-8x7B's 3,584). On the CPU moeviz calls bitsandbytes' kernel
+    itself; the reference goes through `functional.dequantize_4bit`."""
+    weights = torch.randn(*shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     quantize._bitsandbytes(torch.device("cpu"))
     packed, state = quantize._quantize_nf4(weights, double_quant)
     whole = flat_reference(packed, state)
     picked = [shape[0] - 1, 0, 1]
     assert torch.equal(nf4_experts.dequantize_rows(packed, state, torch.tensor(picked)), whole[picked])
     assert torch.equal(nf4_experts.dequantize_whole(packed, state), whole)
+
+
+def test_whole_nf4_blocks_on_the_cpu_go_to_bitsandbytes_kernel_directly(monkeypatch):
+    """Rows and whole tensors made of whole 64-weight blocks skip `functional.dequantize_4bit` and
+    `dequantize_blockwise` (their Python costs about as much as the kernels on a bundled-model
+    expert), with their numbers."""
+    weights = torch.randn(4, 256, 64, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)  # rows of 256 blocks
+    quantize._bitsandbytes(torch.device("cpu"))
+    packed, state = quantize._quantize_nf4(weights, double_quant=True)
+    whole = flat_reference(packed, state)
+    for name in ("dequantize_4bit", "dequantize_blockwise"):  # the weights, and the doubly quantized absmax
+        monkeypatch.setattr(bnb.functional, name, lambda *_, name=name, **__: pytest.fail(f"functional.{name} ran"))
+    assert torch.equal(nf4_experts.dequantize_rows(packed, state, torch.tensor([3, 1])), whole[[3, 1]])
+    assert torch.equal(nf4_experts.dequantize_whole(packed, state), whole)
+    assert nf4_experts._native_function("no_such_function") is None  # another build: functional.dequantize_4bit
 
 
 @pytest.mark.parametrize("width", [32, 96])
@@ -118,13 +136,46 @@ def test_4bit_generation_equals_the_whole_layer_path(tokenizer):
     np.testing.assert_array_equal(hit.router_logits, whole.router_logits)
 
 
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="this CPU has no AVX512-BF16: bitsandbytes never packs")
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_packed_linear_forward_equals_bitsandbytes_linear4bit_forward(monkeypatch, family):
+    """bf16 4-bit model, 64 wide so that bitsandbytes packs attention for its AVX512-BF16 kernel:
+    moeviz's direct call of that kernel gives bitwise the logits of `Linear4bit.forward`, for one
+    token and many, with biases (Qwen2-MoE's q/k/v) and without (Mixtral)."""
+    model_class, config = {"mixtral": (MixtralForCausalLM, tiny_mixtral_config()),
+                           "qwen2_moe": (Qwen2MoeForCausalLM, tiny_qwen2_moe_config())}[family]
+    config.hidden_size = 64
+    model = nf4(model_class, config, dtype=torch.bfloat16)
+    ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.support_avx512bf16_for_cpu]
+    assert linears and all(m.forward.func is nf4_experts.packed_linear_forward for m in linears)
+    with torch.inference_mode():
+        model(ids)  # bitsandbytes packs each weight on its first forward
+        with monkeypatch.context() as patched:
+            own_forward = bnb.nn.Linear4bit.forward
+
+            def only_unpacked(module, x):  # the 400-wide lm_head is not packed: its own forward runs
+                assert module not in linears, "Linear4bit.forward ran on a packed layer"
+                return own_forward(module, x)
+
+            patched.setattr(bnb.nn.Linear4bit, "forward", only_unpacked)
+            direct = [model(ids[:1, :1]).logits, model(ids).logits]
+        for module in linears:
+            del module.forward
+        own = [model(ids[:1, :1]).logits, model(ids).logits]
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in linears)
+    for a, b in zip(direct, own):
+        assert torch.equal(a, b)
+
+
 class DequantizedBytes:
-    """Bytes bitsandbytes dequantizes while an experts module runs, and outside one."""
+    """Bytes dequantized while an experts module runs, and outside one: everything moeviz
+    dequantizes goes through `nf4_experts._dequantize_blocks`."""
 
     def __init__(self, monkeypatch, model):
         self.experts = self.other = 0
         self._inside = 0
-        real = bnb.functional.dequantize_4bit
+        real = nf4_experts._dequantize_blocks
 
         def counting(*args, **kwargs):
             out = real(*args, **kwargs)
@@ -135,7 +186,7 @@ class DequantizedBytes:
                 self.other += size
             return out
 
-        monkeypatch.setattr(bnb.functional, "dequantize_4bit", counting)
+        monkeypatch.setattr(nf4_experts, "_dequantize_blocks", counting)
         for module in model.modules():
             if nf4_experts._has_4bit_experts(module):
                 module.register_forward_pre_hook(lambda *_: setattr(self, "_inside", self._inside + 1))

@@ -435,3 +435,16 @@ def test_bf16_4bit_model_runs_the_packed_kernel_where_the_cpu_has_it(mixtral_dir
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
     trace = trace_text(packed, tokenizer, "The quick brown fox")
     assert trace.quantization == "nf4" and trace.num_tokens > 0
+
+
+@pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="this CPU has no AVX512-BF16: bitsandbytes never packs")
+def test_quantizing_a_model_in_eval_mode_keeps_its_linear4bits_in_eval_mode():
+    """`quantize_model` swaps in new Linear4bit modules; built fresh they are in training mode, and
+    bitsandbytes then never runs its packed CPU kernel (benchmarks/nf4_decode.py measured the
+    portable path, ~5x slower per attention projection, before this)."""
+    model = quantize.quantize_model(_random_model(MixtralForCausalLM, MixtralConfig(**MIXTRAL)).to(torch.bfloat16))
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears and not any(m.training for m in linears)
+    with torch.inference_mode():
+        model(INPUT_IDS)
+    assert model.model.layers[0].self_attn.q_proj.weight.quant_state.packing_format_for_cpu

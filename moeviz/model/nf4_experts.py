@@ -14,8 +14,14 @@ Which path runs when (transformers 5.24):
 - Other experts classes (Llama 4's bmm over the whole tensors, LongCat-Flash, Step3) keep their
   own forward: each access to a fused tensor dequantizes it whole, through the parametrization.
 - A 4-bit `nn.Embedding` looks up only the rows of its ids (`nf4_embedding_forward`); a tied
-  lm_head needs the whole table and dequantizes it whole, as attention's `Linear4bit`s do
-  inside bitsandbytes.
+  lm_head needs the whole table and dequantizes it whole.
+- bitsandbytes' `Linear4bit`s (attention, untied lm_heads) dequantize inside bitsandbytes, or on
+  a CPU with AVX512-BF16 multiply by the 4-bit weights in its packed kernel, which moeviz calls
+  directly, without the Python layers around it (`packed_linear_forward`).
+- Everything above dequantizes through `_dequantize_blocks`: on the CPU bitsandbytes' native
+  kernel called as its CPU backend calls it, elsewhere `bitsandbytes.functional.dequantize_4bit`.
+  A decoded token of a small model makes dozens of such calls, and bitsandbytes' Python layers
+  (custom-op dispatch, checks) cost about as much as its kernels there.
 
 Memory under concurrent sessions: bitsandbytes' own `replace_parameter_4bit` switches on
 PyTorch's parametrization cache around each experts module, and that cache is process-global
@@ -29,6 +35,7 @@ the rest of the forward pass still run in parallel.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import sys
 import threading
@@ -95,17 +102,15 @@ def nf4_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
     transformers' grouped_mm forward computes exactly what it computes on the whole layer.
     On a GPU, finding which experts were hit (`torch.unique`) costs one synchronisation per layer.
     """
-    hit = torch.unique(top_k_index)
-    renumber = torch.zeros(self.num_experts, dtype=top_k_index.dtype, device=top_k_index.device)
-    renumber[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=hit.device)
+    hit, renumbered = torch.unique(top_k_index, return_inverse=True)
     weights = {}
     for name, plist in self.parametrizations.items():
         weights[name] = dequantize_rows(plist.original, plist[0].quant_state, hit)
     for name, param in self.named_parameters(recurse=False):  # biases [experts, ...]; routers are elsewhere
         if param.shape[:1] == (self.num_experts,):
             weights[name] = param[hit]
-    return grouped_mm_experts_forward(_HitExperts(self, weights, hit.numel()), hidden_states, renumber[top_k_index],
-                                      top_k_weights)
+    return grouped_mm_experts_forward(_HitExperts(self, weights, hit.numel()), hidden_states,
+                                      renumbered.to(top_k_index.dtype), top_k_weights)
 
 
 class _HitExperts:
@@ -135,13 +140,9 @@ def dequantize_rows(packed: torch.Tensor, state, rows: torch.Tensor) -> torch.Te
     if per_row % state.blocksize:
         runs = [_dequantize_range(packed, state, r * per_row, (r + 1) * per_row) for r in rows.tolist()]
         return torch.stack(runs).view(len(runs), *state.shape[1:])
-    functional = _bnb().functional
-    blocks = per_row // state.blocksize
-    block_ids = (rows[:, None] * blocks + torch.arange(blocks, device=rows.device)).reshape(-1)
     picked = packed.view(-1, per_row // 2).index_select(0, rows)
-    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(rows.numel() * per_row,), dtype=state.dtype,
-                                 blocksize=state.blocksize, code=state.code, quant_type=state.quant_type)
-    return functional.dequantize_4bit(picked.view(-1, 1), part).view(rows.numel(), *state.shape[1:])
+    values = _dequantize_blocks(picked, _absmax_of_rows(state, rows, per_row // state.blocksize), state)
+    return values.view(rows.numel(), *state.shape[1:])
 
 
 def dequantize_whole(packed: torch.Tensor, state) -> torch.Tensor:
@@ -162,26 +163,106 @@ def _follow(packed: torch.Tensor, state) -> None:
 
 def _dequantize_range(packed: torch.Tensor, state, start: int, stop: int) -> torch.Tensor:
     """Weights [start, stop) of a flattened 4-bit tensor, float in the state's dtype."""
-    functional = _bnb().functional
     block = state.blocksize
     first, last = start // block, -(-stop // block)
     lo, hi = first * block, min(last * block, math.prod(state.shape))
-    block_ids = torch.arange(first, last, device=packed.device)
-    part = functional.QuantState(absmax=_absmax(state, block_ids), shape=(hi - lo,), dtype=state.dtype, blocksize=block,
-                                 code=state.code, quant_type=state.quant_type)
-    values = functional.dequantize_4bit(packed.view(-1)[lo // 2 : (hi + 1) // 2].view(-1, 1), part)
+    values = _dequantize_blocks(packed.view(-1)[lo // 2 : (hi + 1) // 2], _absmax_range(state, first, last), state,
+                                numel=hi - lo)
     return values.reshape(-1)[start - lo : stop - lo]
 
 
-def _absmax(state, block_ids: torch.Tensor) -> torch.Tensor:
-    """float32 absmax of the blocks `block_ids`. With double quantization, as bitsandbytes'
-    `dequantize_blockwise` computes it for those entries alone: code[q] x nested absmax of its
-    run of 256, plus the offset."""
+def _dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, state, numel: int | None = None) -> torch.Tensor:
+    """`numel` weights (all of `packed` by default) from consecutive blocks with float32 `absmax`,
+    the last block possibly partial: every dequantization moeviz does comes here (the bytes
+    benchmarks/nf4_decode.py counts). Whole NF4 blocks on the CPU go to bitsandbytes' CPU kernel
+    as its CPU backend calls it (`backends/cpu/ops.py`, `dequantize_4bit`), one block a row,
+    without `functional.dequantize_4bit` and the custom-op dispatch above it, which cost about as
+    much as the kernel on an expert of the bundled model; one block a row is also the kernel's
+    fastest shape (~25% over one flat row) and never the odd multiples of 32 it gets wrong
+    (`dequantize_whole`). Anything else goes through `functional.dequantize_4bit`."""
+    functional = _bnb().functional
+    numel = packed.numel() * 2 if numel is None else numel
+    block = state.blocksize
+    kernel = _cpu_nf4_kernel(packed, state) if numel % block == 0 else None
+    if kernel is not None:
+        packed = packed.contiguous()
+        out = torch.empty(numel // block, block, dtype=state.dtype, device=packed.device)
+        kernel(functional.get_ptr(packed), functional.get_ptr(absmax), functional.get_ptr(out), ctypes.c_longlong(block),
+               ctypes.c_longlong(numel // block), ctypes.c_longlong(block))
+        return out
+    part = functional.QuantState(absmax=absmax, shape=(numel,), dtype=state.dtype, blocksize=block, code=state.code,
+                                 quant_type=state.quant_type)
+    return functional.dequantize_4bit(packed.reshape(-1, 1), part)
+
+
+_CPU_NF4_KERNELS = {torch.float32: "cdequantize_blockwise_cpu_nf4_fp32", torch.bfloat16: "cdequantize_blockwise_cpu_nf4_bf16",
+                    torch.float16: "cdequantize_blockwise_cpu_nf4_fp16"}
+
+
+def _cpu_nf4_kernel(packed: torch.Tensor, state):
+    """bitsandbytes' CPU kernel that dequantizes NF4 to the state's dtype, or None where it does
+    not apply (another device or quantization type, no such kernel)."""
+    if packed.device.type != "cpu" or state.quant_type != "nf4" or state.dtype not in _CPU_NF4_KERNELS:
+        return None
+    return _native_function(_CPU_NF4_KERNELS[state.dtype])
+
+
+@cache
+def _native_function(name: str):
+    """A function of bitsandbytes' native library, or None: no native library loaded (bitsandbytes
+    then runs its PyTorch fallbacks), or a build without it. (bitsandbytes' own wrapper answers
+    every name, with a function that raises when called.)"""
+    cextension = _bnb().cextension
+    if isinstance(cextension.lib, cextension.ErrorHandlerMockBNBNativeLibrary):
+        return None
+    return getattr(cextension.lib._lib, name, None)
+
+
+def _absmax_range(state, first: int, last: int) -> torch.Tensor:
+    """float32 absmax of blocks [first, last). With double quantization, bitsandbytes'
+    `dequantize_blockwise` runs on the whole runs of 256 that hold them, as it does on the whole
+    tensor's, plus the offset: the same numbers."""
     if not state.nested:
-        return state.absmax[block_ids].float()
+        return state.absmax[first:last].float()
+    run = state.state2.blocksize
+    runs = slice(first // run, -(-last // run))
+    values = _dequantize_absmax(state, state.absmax[runs.start * run : runs.stop * run], state.state2.absmax[runs])
+    return values[first - runs.start * run : last - runs.start * run]
+
+
+def _absmax_of_rows(state, rows: torch.Tensor, blocks: int) -> torch.Tensor:
+    """float32 absmax of rows `rows` of `blocks` blocks each, concatenated. With double
+    quantization and rows of whole runs of 256 blocks (experts of real models: Mixtral-8x7B's
+    hold 3,584 runs), gathered by row and dequantized by bitsandbytes as in `_absmax_range`;
+    otherwise entry by entry, as `dequantize_blockwise` computes each: code[q] x the nested absmax
+    of its run, plus the offset."""
+    if not state.nested:
+        return state.absmax.view(-1, blocks).index_select(0, rows).reshape(-1).float()
     nested = state.state2
+    if blocks % nested.blocksize == 0:
+        codes = state.absmax.view(-1, blocks).index_select(0, rows).reshape(-1)
+        scales = nested.absmax.view(-1, blocks // nested.blocksize).index_select(0, rows).reshape(-1)
+        return _dequantize_absmax(state, codes, scales)
+    block_ids = (rows[:, None] * blocks + torch.arange(blocks, device=rows.device)).reshape(-1)
     values = nested.code[state.absmax[block_ids].long()] * nested.absmax[block_ids // nested.blocksize]
     return (values + state.offset).float()
+
+
+def _dequantize_absmax(state, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Doubly quantized absmax `codes` (uint8, whole runs but perhaps the last) with their runs'
+    float32 `scales`, dequantized: float32. On the CPU in bitsandbytes' native kernel called as
+    its CPU backend calls it (see `_dequantize_blocks` for why), else `dequantize_blockwise`."""
+    functional = _bnb().functional
+    nested = state.state2
+    kernel = _native_function("cdequantize_blockwise_cpu_fp32") if codes.device.type == "cpu" else None
+    if kernel is None:
+        values = functional.dequantize_blockwise(codes, absmax=scales, code=nested.code, blocksize=nested.blocksize)
+    else:
+        codes = codes.contiguous()
+        values = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+        kernel(functional.get_ptr(nested.code), functional.get_ptr(codes), functional.get_ptr(scales),
+               functional.get_ptr(values), ctypes.c_longlong(nested.blocksize), ctypes.c_longlong(codes.numel()))
+    return values + state.offset
 
 
 def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torch.Tensor:
@@ -192,6 +273,34 @@ def nf4_embedding_forward(module: nn.Embedding, input_ids: torch.Tensor) -> torc
     weight = dequantize_rows(plist.original, plist[0].quant_state, rows)
     return nn.functional.embedding(inverse, weight, None, module.max_norm, module.norm_type, module.scale_grad_by_freq,
                                    module.sparse)
+
+
+def packed_linear_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A `Linear4bit`'s forward that runs bitsandbytes' AVX512-BF16 CPU kernel on the weight it
+    has packed for it, called as bitsandbytes' CPU backend calls it (`backends/cpu/ops.py`,
+    `gemv_4bit`; any number of rows) without the layers above it (`Linear4bit.forward`,
+    `matmul_4bit`, `functional.gemv_4bit`, the custom-op dispatch): the same numbers, without
+    Python that costs more than the kernel itself on small projections such as the bundled
+    model's (192 wide, 20 a token). Any other case (not packed yet: bitsandbytes packs on the
+    first call; training; gradients; another device) runs `Linear4bit.forward`."""
+    state = module.weight.quant_state
+    if (not getattr(state, "packing_format_for_cpu", False) or module.training or x.device.type != "cpu"
+            or (torch.is_grad_enabled() and x.requires_grad)):
+        return type(module).forward(module, x)
+    kernel = _native_function("gemv_4bit_inference_cpu_nf4_bf16")
+    if kernel is None:
+        return type(module).forward(module, x)
+    functional = _bnb().functional
+    rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1]).contiguous()  # packed: the compute dtype is bf16
+    out = torch.empty(rows.shape[0], state.shape[0], dtype=torch.bfloat16, device=rows.device)
+    kernel(
+        ctypes.c_int64(rows.shape[0]), ctypes.c_int64(state.shape[0]), ctypes.c_int64(rows.shape[1]),
+        functional.get_ptr(rows), functional.get_ptr(module.weight.data), functional.get_ptr(state.absmax),
+        functional.get_ptr(out), ctypes.c_int64(state.blocksize), ctypes.c_int64(rows.stride(0)),
+        ctypes.c_int64(out.stride(0)))
+    if module.bias is not None:
+        out += module.bias.to(torch.bfloat16)
+    return out.view(*x.shape[:-1], state.shape[0]).to(x.dtype)
 
 
 # -- one layer at a time per model -----------------------------------------------------------------
@@ -220,8 +329,9 @@ class ExpertsLock:
 
 def prepare_nf4_model(model: nn.Module) -> None:
     """Set up a model whose fused experts were just parametrized to NF4: one `ExpertsLock` (as
-    `model.nf4_experts_lock`) around every 4-bit experts module, and the hit-experts forward where
-    its experts classes dispatch through transformers' experts interface."""
+    `model.nf4_experts_lock`) around every 4-bit experts module, the hit-experts forward where
+    its experts classes dispatch through transformers' experts interface, the row lookup on 4-bit
+    embeddings, and the direct packed kernel on `Linear4bit`s that bitsandbytes may pack."""
     if hasattr(model, "nf4_experts_lock"):
         return
     lock = model.nf4_experts_lock = ExpertsLock()
@@ -231,10 +341,13 @@ def prepare_nf4_model(model: nn.Module) -> None:
         module.register_forward_hook(lock.give_back, always_call=True)
     if any(hasattr(module, "has_gate") and hasattr(module, "is_transposed") for module in experts):
         model.set_experts_implementation(EXPERTS_IMPLEMENTATION)  # set by @use_experts_implementation
+    linear4bit = _bnb().nn.Linear4bit
     for module in model.modules():
         # Only nn.Embedding's own forward is replaced: subclasses (scaled embeddings) keep theirs.
         if type(module).forward is nn.Embedding.forward and "weight" in _nf4_states(module):
             module.forward = partial(nf4_embedding_forward, module)
+        elif type(module) is linear4bit and module.support_avx512bf16_for_cpu:
+            module.forward = partial(packed_linear_forward, module)
 
 
 def _has_4bit_experts(module: nn.Module) -> bool:

@@ -218,6 +218,7 @@ def _linear4bit(model: nn.Module, module_name: str, dtype: torch.dtype, double_q
         )
     if linear.bias is not None:
         new.bias = linear.bias
+    new.train(linear.training)  # bitsandbytes' packed CPU kernel runs only in eval mode
     new.support_avx512bf16_for_cpu = new.support_avx512bf16_for_cpu and packed_cpu_kernel_fits(new, dtype)
     model.set_submodule(module_name, new)
     return new
