@@ -20,6 +20,11 @@ from moeviz.ui import (
 from moeviz.views import charts
 
 
+def of_layer(fig, trace: RoutingTrace, layer: int):
+    """The figure marked with its layer: a layer column in its CSV and the layer in the file's name."""
+    return fig.update_layout(meta=dict(layer=layer, layer_label=trace.layer_label(layer)))
+
+
 @st.fragment
 def layer_charts(trace: RoutingTrace) -> None:
     """The Plotly charts of one layer; their slider reruns this fragment only."""
@@ -35,12 +40,13 @@ def layer_charts(trace: RoutingTrace) -> None:
         with left:
             st.subheader("Expert load")
             picks = load_choices(trace.top_k, "load_choices")
-            show_figure(charts.expert_load_chart(metrics.expert_load(stats, picks)[index], metrics.uniform_load(stats, picks),
-                                                 title=load_title(picks, trace.layer_label(layer)),
-                                                 shared_experts=trace.shared_experts), "expert_load")
+            load = charts.expert_load_chart(metrics.expert_load(stats, picks)[index], metrics.uniform_load(stats, picks),
+                                            title=load_title(picks, trace.layer_label(layer)),
+                                            shared_experts=trace.shared_experts)
+            show_figure(of_layer(load, trace, layer), "expert_load")
         with right:
             st.subheader("Expert co-activation")
-            show_figure(charts.coactivation_heatmap(metrics.coactivation(stats, index)), "coactivation")
+            show_figure(of_layer(charts.coactivation_heatmap(metrics.coactivation(stats, index)), trace, layer), "coactivation")
 
         st.subheader("Adjacent tokens sharing experts")
         st.caption("As in the Mixtral paper's Table 5, against the rate expected by chance.")

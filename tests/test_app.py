@@ -195,3 +195,22 @@ def decode_plotly_array(value):
     if isinstance(value, dict):
         return np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
     return np.asarray(value)
+
+
+def test_layer_charts_name_their_layer_in_their_csv(model):
+    """Expert load and co-activation are one layer's: their figures carry the layer, which
+    `charts.figure_table` makes a column of their CSV and `figure_file_name` puts in its name
+    (issue 14, item 5)."""
+    import plotly.graph_objects as go
+
+    from moeviz.ui import figure_file_name
+
+    app = run_page()
+    trace = app_trace(model, presets()["english"])
+    layer = trace.layer_ids[-1]
+    app.select_slider[0].set_value(layer).run()
+    specs = {c.proto.id: json.loads(c.proto.spec) for c in app.get("plotly_chart")}
+    for key in ("expert_load", "coactivation"):
+        spec = next(s for i, s in specs.items() if key in i)
+        assert spec["layout"]["meta"] == {"layer": layer, "layer_label": trace.layer_label(layer)}
+        assert figure_file_name(go.Figure(layout=spec["layout"]), key) == f"{key}-layer-{layer}.csv"

@@ -138,8 +138,10 @@ def test_analyse_page_shows_the_routing_of_the_default_preset(tab, model):
     with tab.page.expect_download() as download:  # the chart's data as a CSV file
         tab.page.locator(".st-key-expert_load_csv button").click()
     table = pd.read_csv(download.value.path())
-    assert download.value.suggested_filename == "expert_load.csv"
-    assert table.columns.tolist() == ["expert", "expert_load"] and table.expert.tolist() == list(range(trace.num_experts))
+    layer = trace.layer_ids[0]
+    assert download.value.suggested_filename == f"expert_load-layer-{layer}.csv"
+    assert table.columns.tolist() == ["layer", "layer_label", "expert", "expert_load"]
+    assert table.expert.tolist() == list(range(trace.num_experts)) and set(table.layer) == {layer}
     np.testing.assert_allclose(table.expert_load, metrics.expert_load(metrics.counted(trace), 1)[0], atol=1e-9)
     tab.screenshot("analyse")
 
