@@ -20,9 +20,11 @@ from browser import ARTIFACTS, AppFailed, AppPage, chromium, running_app
 from hostile import BLANK_TEXTS, HOSTILE_TEXTS, long_text
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import moeviz
 import moeviz.ui
-from moeviz.analysis import metrics
+from moeviz.analysis import contrast, metrics
 from moeviz.model.capture import DEFAULT_MAX_TOKENS, trace_text
+from moeviz.model.interventions import Intervention
 from moeviz.model.loading import load_model
 from moeviz.model.tokens import context_length
 from moeviz.trace import RoutingTrace
@@ -572,3 +574,54 @@ def test_training_page_plots_the_shipped_histories(tab):
                                        history.biases[:, 0].T, atol=1e-7)
             assert "plus 1 shared expert, always active" in tab.page.inner_text("body")
         tab.screenshot(f"training-{number}")
+
+
+# -- Contrast and Compare variants: the values they plot are the library's --------------------------
+
+
+def test_contrast_page_plots_the_risk_differences_and_the_effect_of_one_click(tab, model):
+    tab.open("contrast")
+    traces = [[expected_trace(model, presets()[name]) for name in names] for names in (["python", "c"],
+                                                                                        ["english", "german"])]
+    expected = contrast.contrast(*traces)
+    figures = tab.figures()
+    (heatmap,) = figures["contrast_heatmap"]
+    np.testing.assert_allclose(np.asarray(heatmap["z"], dtype=float).reshape(expected.risk_difference.shape),
+                               expected.risk_difference, atol=1e-12)
+    (top,) = figures["contrast_top"]
+    ranking = expected.ranking().head(12)
+    np.testing.assert_allclose(np.asarray(top["y"], dtype=float), ranking["risk_difference"], atol=1e-12)
+    np.testing.assert_allclose(np.asarray(top["error_y"]["array"], dtype=float),
+                               ranking["ci_high"] - ranking["risk_difference"], atol=1e-12)
+
+    tab.act(lambda: tab.page.locator(".st-key-contrast_ablate button").click())
+    ablate = contrast.top_experts(expected, 3, "A", per_layer=expected.num_experts - expected.top_k)
+    assert tab.subheaders()[-1] == Intervention(ablate=ablate).describe()
+    means = []
+    for names in (["python", "c"], ["english", "german"]):
+        results = [moeviz.intervene(model, presets()[n], ablate=ablate, max_tokens=app_limit(model)) for n in names]
+        means.append(contrast.set_effect([r.baseline_logprobs for r in results],
+                                         [r.changed_logprobs for r in results]).mean_delta_logprob)
+    (bars,) = tab.figures()["contrast_effect"]
+    assert list(bars["x"]) == ["Set A", "Set B"]
+    np.testing.assert_allclose(np.asarray(bars["y"], dtype=float), means, atol=1e-9)
+    assert means[0] < means[1]  # the experts set A uses more matter more to set A
+    tab.screenshot("contrast")
+
+
+def test_compare_variants_page_plots_the_agreement_of_full_precision_and_nf4(tab, model):
+    tab.open("compare_variants")
+    nf4 = load_model(default_model_source(), quantization="nf4")
+    expected = moeviz.compare_variants(model, nf4, presets()["english"], max_tokens=app_limit(model))
+    figures = tab.figures()
+    first, overlap = figures["variants_agreement"]
+    np.testing.assert_allclose(np.asarray(first["y"], dtype=float), expected.first_choice_agreement, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(overlap["y"], dtype=float), expected.topk_overlap, atol=1e-12)
+    (delta,) = figures["variants_delta"]
+    np.testing.assert_allclose(np.asarray(delta["y"], dtype=float), expected.delta_logprobs, atol=1e-5)
+    layer = expected.a.layer_ids[0]
+    differs = np.flatnonzero(expected.first_choice_differs[0] & expected.counted)
+    shown = tab.page.locator(".moeviz-differs").evaluate_all("spans => spans.map(s => +s.dataset.position)")
+    assert shown == differs.tolist()
+    assert f"at layer {layer}" in tab.page.locator(".moeviz-legend").inner_text()
+    tab.screenshot("compare-variants")
