@@ -60,3 +60,22 @@ def test_bundled_names_only_for_the_bundled_folders(tmp_path):
     assert bundled_name(BUNDLED_DEEPSEEK / ".." / "model-deepseek") == "moeviz DeepSeek-style (bundled)"
     for other in (tmp_path, "mistralai/Mixtral-8x7B-v0.1", "a\x00b", ""):
         assert bundled_name(other) is None
+
+
+def test_training_page_offers_the_sidebar_models_history_and_reports_a_damaged_one(tmp_path):
+    """A local model folder with its own training history is offered beside the bundled ones;
+    a damaged history is reported on the page, not raised."""
+    import shutil
+
+    from moeviz.analysis import training
+
+    folder = tmp_path / "my-run"
+    shutil.copytree(BUNDLED_DEEPSEEK, folder)
+    app = run_page("app_pages/training.py", model_source=str(folder))
+    radio = app.radio(key="training_model")
+    assert radio.options == [*[n for n, f in BUNDLED_MODELS.items() if training.has_history(f)], "my-run"]
+    radio.set_value("my-run").run()
+    assert not app.error and any("**my-run**" in m.value for m in app.markdown)
+    (folder / training.ARRAYS).write_bytes(b"PK\x03\x04 not really a zip")
+    app.run()
+    assert [e.value for e in app.error] == [f"{folder / training.ARRAYS} is not a NumPy archive of plain arrays: File is not a zip file"]

@@ -64,9 +64,9 @@ def read_history(folder: str | Path) -> TrainingHistory:
         raise HistoryError(f"{folder} has no training history ({MANIFEST} and {ARRAYS}).")
     if (folder / MANIFEST).stat().st_size > MAX_MANIFEST_BYTES:
         raise HistoryError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES:,} bytes.")
+    arrays = _load_arrays(folder / ARRAYS)
     try:
         meta = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        arrays = _load_arrays(folder / ARRAYS)
         history = TrainingHistory(
             arch=str(meta["arch"]), samples=[str(s) for s in meta["samples"]],
             moe_layers=[int(i) for i in meta["moe_layers"]], num_experts=int(meta["num_experts"]),
@@ -85,12 +85,14 @@ def _load_arrays(path: Path) -> dict[str, np.ndarray]:
         with zipfile.ZipFile(path) as archive:
             for member in archive.infolist():
                 if member.file_size > MAX_ARRAY_BYTES:
-                    raise HistoryError(f"{member.filename} in {path.name} holds {member.file_size:,} bytes "
+                    raise HistoryError(f"{member.filename} in {path} holds {member.file_size:,} bytes "
                                        f"uncompressed, more than {MAX_ARRAY_BYTES:,}.")
         with np.load(path, allow_pickle=False) as arrays:
             return {name: arrays[name] for name in arrays.files}
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        raise HistoryError(f"{path.name} is not a NumPy archive: {error}") from error
+    except HistoryError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:  # ValueError: object arrays (pickles)
+        raise HistoryError(f"{path} is not a NumPy archive of plain arrays: {error}") from error
 
 
 def _check(h: TrainingHistory) -> None:
