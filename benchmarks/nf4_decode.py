@@ -44,6 +44,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's moeviz, not an installed one
+sys.path.insert(0, str(ROOT / "tests"))  # the byte counter the tests use
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, MixtralConfig  # noqa: E402
@@ -51,6 +52,8 @@ from transformers import AutoModelForCausalLM, MixtralConfig  # noqa: E402
 from moeviz.model import nf4_experts, quantize  # noqa: E402
 from moeviz.model.capture import find_routers, recording_routers  # noqa: E402
 from moeviz.model.loading import BUNDLED_MODEL  # noqa: E402
+
+from dequantized_bytes import DequantizedBytes  # noqa: E402  (tests/: shared with the byte test)
 
 MIXTRAL_LAYER = MixtralConfig(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
@@ -68,42 +71,6 @@ def decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
             next_id = out.logits[0, -1].argmax().view(1, 1)
             out = model(input_ids=next_id, cache=out.cache, use_cache=True)
         return time.perf_counter() - start
-
-
-class DequantizedBytes:
-    """Bytes moeviz dequantizes inside experts modules and outside them."""
-
-    def __init__(self, model):
-        self.experts = self.other = 0
-        self._inside = 0
-        self._handles = []
-        for module in model.modules():
-            if nf4_experts._has_4bit_experts(module):
-                self._handles.append(module.register_forward_pre_hook(lambda *_: self._enter(1)))
-                self._handles.append(module.register_forward_hook(lambda *_: self._enter(-1)))
-
-    def _enter(self, step):
-        self._inside += step
-
-    def __enter__(self):
-        self._real = real = nf4_experts._dequantize_blocks
-
-        def counting(*args, **kwargs):
-            out = real(*args, **kwargs)
-            size = out.numel() * out.element_size()
-            if self._inside:
-                self.experts += size
-            else:
-                self.other += size
-            return out
-
-        nf4_experts._dequantize_blocks = counting
-        return self
-
-    def __exit__(self, *exc):
-        nf4_experts._dequantize_blocks = self._real
-        for handle in self._handles:
-            handle.remove()
 
 
 def bytes_per_token(model, prompt: torch.Tensor) -> dict[str, int]:

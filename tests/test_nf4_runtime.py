@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import _random_model, tiny_mixtral_config, tiny_qwen2_moe_config
+from dequantized_bytes import DequantizedBytes
 from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
 
 from moeviz.model import nf4_experts, quantize
@@ -168,42 +169,16 @@ def test_packed_linear_forward_equals_bitsandbytes_linear4bit_forward(monkeypatc
         assert torch.equal(a, b)
 
 
-class DequantizedBytes:
-    """Bytes dequantized while an experts module runs, and outside one: everything moeviz
-    dequantizes goes through `nf4_experts._dequantize_blocks`."""
-
-    def __init__(self, monkeypatch, model):
-        self.experts = self.other = 0
-        self._inside = 0
-        real = nf4_experts._dequantize_blocks
-
-        def counting(*args, **kwargs):
-            out = real(*args, **kwargs)
-            size = out.numel() * out.element_size()
-            if self._inside:
-                self.experts += size
-            else:
-                self.other += size
-            return out
-
-        monkeypatch.setattr(nf4_experts, "_dequantize_blocks", counting)
-        for module in model.modules():
-            if nf4_experts._has_4bit_experts(module):
-                module.register_forward_pre_hook(lambda *_: setattr(self, "_inside", self._inside + 1))
-                module.register_forward_hook(lambda *_: setattr(self, "_inside", self._inside - 1))
-
-
-def test_a_decoded_token_dequantizes_only_the_k_experts_it_uses(monkeypatch, bundled_nf4):
+def test_a_decoded_token_dequantizes_only_the_k_experts_it_uses(bundled_nf4):
     """Bundled model: 5 MoE layers, top-2 of 8 experts, each expert 3 x 256 x 192 weights in
     float32. One decoded token: 5 x 2 experts' bytes, a quarter of the 5 x 8 that the whole-layer
     path dequantizes; outside the experts, one embedding row and the tied lm_head (8,192 x 192),
     which needs the whole table."""
-    counted = DequantizedBytes(monkeypatch, bundled_nf4)
     expert_bytes = 3 * 256 * 192 * 4
     with torch.inference_mode():
         out = bundled_nf4(torch.tensor([[5, 17, 300]]), use_cache=True)
-        counted.experts = counted.other = 0
-        bundled_nf4(torch.tensor([[42]]), cache=out.cache, use_cache=True)
+        with DequantizedBytes(bundled_nf4) as counted:
+            bundled_nf4(torch.tensor([[42]]), cache=out.cache, use_cache=True)
     assert counted.experts == 5 * 2 * expert_bytes
     assert counted.other == (1 + 8192) * 192 * 4
 
