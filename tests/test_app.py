@@ -41,6 +41,34 @@ def run_page(page: str | None = None, **state) -> AppTest:
     return app
 
 
+def run_behind_another_session(app: AppTest, queue, wait: float, finish: float) -> None:
+    """Run `app` while another session holds `queue`'s turn on the model: the run must wait in
+    the queue (within `wait` seconds) and, once the model is free, finish (within `finish`)."""
+    import threading
+    import time
+
+    release, holding = threading.Event(), threading.Event()
+
+    def other_session():
+        with queue.turn():
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_session)
+    holder.start()
+    assert holding.wait(10)
+    runner = threading.Thread(target=app.run)
+    runner.start()
+    deadline = time.monotonic() + wait
+    while queue.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert queue.waiting == 1 and runner.is_alive()  # the run waits in the queue
+    release.set()
+    runner.join(finish)
+    holder.join(5)
+    assert not runner.is_alive() and not app.exception and queue.waiting == 0
+
+
 def token_counts(app: AppTest) -> list[int]:
     """The counted tokens each trace's summary line gives ("1 token · ...", "511 tokens · ...")."""
     captions = [c.value for c in app.caption]

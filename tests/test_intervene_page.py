@@ -108,8 +108,7 @@ def test_charts_and_table_values():
 def test_the_intervention_waits_for_its_turn_on_the_model():
     """The intervention's forward passes go through the model's queue (issue 18): while another
     session holds the model, the run does not finish; once it is free, the result shows."""
-    import threading
-    import time
+    from test_app import run_behind_another_session
 
     from moeviz.ui import cached_queue
 
@@ -118,24 +117,5 @@ def test_the_intervention_waits_for_its_turn_on_the_model():
     app.run()  # the baseline trace is cached: the next run's only forward passes are the intervention's
     queue = cached_queue(default_model_source(), "auto", "auto", "auto")
     app.multiselect(key="intervene_ablate").set_value([2, 5])
-    release, holding = threading.Event(), threading.Event()
-
-    def other_session():
-        with queue.turn():
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=other_session)
-    holder.start()
-    assert holding.wait(10)
-    runner = threading.Thread(target=app.run)
-    runner.start()
-    deadline = time.monotonic() + 20
-    while queue.waiting == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert queue.waiting == 1 and runner.is_alive()  # the intervention waits in the queue
-    release.set()
-    runner.join(120)
-    holder.join(5)
-    assert not runner.is_alive() and not app.exception and queue.waiting == 0
+    run_behind_another_session(app, queue, wait=20, finish=120)
     assert app.subheader[0].value == "ablate layer 0: 2, 5"

@@ -3,7 +3,6 @@ allowlist and the data folders. Single-user mode is what every other app test ru
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -113,33 +112,14 @@ def test_with_oidc_configured_sign_in_goes_to_the_provider(team):
 def test_a_page_waits_for_its_turn_on_the_model():
     """The Analyse page's forward pass goes through the model's queue: while another session
     holds the model, the page's run does not finish; once the model is free, it does."""
-    import threading
+    from test_app import run_behind_another_session
 
     from moeviz.ui import cached_queue, default_model_source
 
     app = start()
     queue = cached_queue(default_model_source(), "auto", "auto", "auto")
     app.text_area(key="analyse_text").input("a text no other test analyses: queue, queue, queue")
-    release, holding = threading.Event(), threading.Event()
-
-    def other_session():
-        with queue.turn():
-            holding.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=other_session)
-    holder.start()
-    assert holding.wait(10)
-    runner = threading.Thread(target=app.run)
-    runner.start()
-    deadline = time.monotonic() + 10
-    while queue.waiting == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert queue.waiting == 1 and runner.is_alive()  # the page waits in the queue
-    release.set()
-    runner.join(60)
-    holder.join(5)
-    assert not runner.is_alive() and not app.exception and queue.waiting == 0
+    run_behind_another_session(app, queue, wait=10, finish=60)
     assert any(" tokens · " in c.value for c in app.caption)  # the trace came back
 
 
