@@ -5,8 +5,12 @@ import numpy as np
 import streamlit as st
 
 from moeviz.analysis import effects
-from moeviz.model.interventions import Intervention, run_intervention
+from moeviz.model.interventions import Intervention, RoutingPolicy, run_intervention
 from moeviz.ui import (
+    CAPACITY_RULE,
+    CHUNK_SIZES,
+    HASHES,
+    UPDATE_SPEEDS,
     ModelChoice,
     analyse,
     cached_model,
@@ -17,15 +21,19 @@ from moeviz.ui import (
 )
 from moeviz.views import intervention_charts
 
+POLICY_CHOICES = ("none: the model's own routing", "Expert choice", "Hash", "Bias balancing (DeepSeek-V3)")
+
 
 @st.cache_data(show_spinner="Running the model twice: as it routes, and with the intervention…", max_entries=64)
 def cached_intervention(choice: ModelChoice, text: str, layer: int, ablate: tuple, force: tuple, k: int | None,
-                        bias: tuple[int, float] | None, capacity_factor: float | None, continuation: int):
+                        bias: tuple[int, float] | None, capacity_factor: float | None, continuation: int,
+                        policy: RoutingPolicy | None = None, policy_everywhere: bool = False):
     loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
     intervention = Intervention(
         ablate={layer: list(ablate)} if ablate else {}, force={layer: list(force)} if force else {},
         top_k=None if k is None else {layer: k}, bias={layer: {bias[0]: bias[1]}} if bias else {},
         capacity_factor=None if capacity_factor is None else {layer: capacity_factor},
+        policy=policy if policy is None or policy_everywhere else {layer: policy},
     )
     with model_turn(choice):  # its forward passes wait their turn like every other session's
         return run_intervention(loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id,
@@ -44,13 +52,35 @@ def chosen_intervention(trace, layer: int) -> dict:
     steered = bias_column.selectbox("Steer expert", experts, key="intervene_bias_expert")
     bias = bias_column.slider("Bias added to its router logit", -10.0, 10.0, 0.0, 0.5, key="intervene_bias")
     alpha = capacity_column.slider("Capacity factor α (0: no limit)", 0.0, 3.0, 0.0, 0.05, key="intervene_alpha",
-                                   help="Each expert takes at most ⌊α·k·T/E⌋ tokens, first choices first, in "
+                                   help=f"Each expert takes at most {CAPACITY_RULE} tokens, first choices first, in "
                                    "token order (GShard); the others skip it.")
+    policy, everywhere = chosen_policy(trace)
     continuation = int(st.number_input("Greedy continuation: new tokens (0: none)", 0, 64, 12,
                                        key="intervene_continuation"))
     return {"ablate": tuple(ablate), "force": tuple(force), "k": None if k == trace.top_k else k,
             "bias": (steered, bias) if bias else None, "capacity_factor": alpha or None,
-            "continuation": continuation}
+            "continuation": continuation, "policy": policy, "policy_everywhere": everywhere}
+
+
+def chosen_policy(trace) -> tuple[RoutingPolicy | None, bool]:
+    """A Routing-lab policy to run in the forward pass, and whether at every MoE layer."""
+    name = st.selectbox("Routing policy in the forward pass", POLICY_CHOICES, key="intervene_policy",
+                        help="The Routing lab's policies, here deciding what the experts really receive, so the "
+                        "outputs and later layers follow.")
+    if name == POLICY_CHOICES[0]:
+        return None, False
+    left, right = st.columns(2)
+    everywhere = left.checkbox("At every MoE layer", key="intervene_policy_everywhere")
+    if name == "Expert choice":
+        c = right.slider("c: experts per token on average (C = ⌈c·T/E⌉ tokens per expert)", 0.25,
+                         float(trace.num_experts), float(trace.top_k), 0.25, key=f"intervene_ec-{trace.num_experts}")
+        return RoutingPolicy("expert choice", experts_per_token=c), everywhere
+    if name == "Hash":
+        method = right.radio("Hash", list(HASHES), horizontal=True, key="intervene_hash")
+        return RoutingPolicy("hash", hash_method=HASHES[method]), everywhere
+    speed = right.select_slider("Bias update speed γ", UPDATE_SPEEDS, value=0.01, key="intervene_gamma")
+    chunk = right.select_slider("Tokens per bias update", CHUNK_SIZES, value=16, key="intervene_chunk")
+    return RoutingPolicy("bias balancing", update_speed=speed, chunk_size=chunk), everywhere
 
 
 def show_predictions(result) -> None:
@@ -83,8 +113,10 @@ else:
     if trace is not None:
         layer = layer_picker(trace, "intervene_layer", "Layer to intervene at")
         options = chosen_intervention(trace, layer)
-        if not (options["ablate"] or options["force"] or options["bias"] or options["k"] or options["capacity_factor"]):
-            st.info("Pick an intervention above: experts to ablate or force, another k, a bias or a capacity.")
+        if not (options["ablate"] or options["force"] or options["bias"] or options["k"] or options["capacity_factor"]
+                or options["policy"]):
+            st.info("Pick an intervention above: experts to ablate or force, another k, a bias, a capacity or a "
+                    "routing policy.")
         else:
             try:
                 result = cached_intervention(choice, text, layer, **options)
@@ -111,6 +143,7 @@ else:
                     right.code(result.changed_continuation, language=None)
                 st.subheader("Routing downstream")
                 labels = [trace.layer_label(n) for n in trace.layer_ids]
+                acting = labels if options["policy"] and options["policy_everywhere"] else [trace.layer_label(layer)]
                 show_figure(intervention_charts.experts_changed_chart(
-                    labels, effects.experts_changed(result.baseline, result.changed), [trace.layer_label(layer)],
+                    labels, effects.experts_changed(result.baseline, result.changed), acting,
                 ), "intervene_routing")

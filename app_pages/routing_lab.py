@@ -5,18 +5,25 @@ import pandas as pd
 import streamlit as st
 
 from moeviz.analysis import policies
-from moeviz.analysis.metrics import MIN_CAPACITY, expert_capacity
-from moeviz.ui import counted, enough_tokens, layer_picker, router_scores_shown, show_figure, trace_from_source
+from moeviz.analysis.metrics import expert_capacity
+from moeviz.ui import (
+    CAPACITY_RULE,
+    CHUNK_SIZES,
+    HASHES,
+    UPDATE_SPEEDS,
+    counted,
+    enough_tokens,
+    layer_picker,
+    router_scores_shown,
+    show_figure,
+    trace_from_source,
+)
 from moeviz.views import policy_charts
 
 POLICIES = ("Top-k", "Top-k with capacity", "Expert choice", "Hash", "Bias balancing (DeepSeek-V3)")
 DROP_ORDERS = {"token order (Switch, GShard)": "token", "score order (batch prioritized routing, V-MoE)": "score"}
-HASHES = {"token id mod E": "modulo", "fixed random hash": "random"}
-UPDATE_SPEEDS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # DeepSeek-V3 used 0.001
-CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWEEP_FACTORS = np.round(np.arange(0.5, 3.0 + 1e-9, 0.05), 2)
 REFERENCE_FACTORS = (1.25, 2.0)  # capacity factors Switch Transformers compares (Table 1)
-CAPACITY_RULE = f"C = max(⌈α·k·T/E⌉, {MIN_CAPACITY})"  # as DeepSpeed sizes it (metrics.expert_capacity)
 
 
 def chosen_policy(trace, scores) -> policies.Assignment:
@@ -67,7 +74,8 @@ st.title("Routing lab")
 st.info(
     "This replays the routing decision only: each policy picks experts from the router scores this "
     "model computed for the text. The model's outputs are not recomputed, and later layers still see "
-    "the hidden states of the model's own routing."
+    "the hidden states of the model's own routing. To run expert choice, hash or bias balancing inside "
+    "the forward pass and see what it does to the predictions, use Intervene."
 )
 choice = st.session_state.get("model_choice")
 trace = trace_from_source(choice, "lab_text", default_preset="english")

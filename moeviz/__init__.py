@@ -23,6 +23,7 @@ from importlib import import_module
 _LAZY = {
     "trace_text": "moeviz.api",
     "intervene": "moeviz.api",
+    "RoutingPolicy": "moeviz.model.interventions",
     "compare_variants": "moeviz.api",
     "load_model": "moeviz.model.loading",
     "RoutingTrace": "moeviz.trace",

@@ -49,6 +49,7 @@ def intervene(
     top_k: int | Mapping[int, int] | None = None,
     bias: Mapping[int, Mapping[int, float] | Sequence[float]] | None = None,
     capacity_factor: float | Mapping[int, float] | None = None,
+    policy: interventions.RoutingPolicy | Mapping[int, interventions.RoutingPolicy] | None = None,
     *,
     tokenizer=None,
     max_tokens: int = capture.DEFAULT_MAX_TOKENS,
@@ -63,14 +64,17 @@ def intervene(
     force:           {layer: [experts]} put into every token's selection there
     top_k:           k everywhere, or {layer: k}
     bias:            {layer: {expert: value}} added to the router logits
-    capacity_factor: α everywhere, or {layer: α}: each expert takes at most ⌊α·k·T/E⌋ tokens
+    capacity_factor: α everywhere, or {layer: α}: each expert takes at most ⌈α·k·T/E⌉ tokens
+    policy:          a `RoutingPolicy` (expert choice, hash or bias balancing) everywhere, or
+                     {layer: RoutingPolicy}: the Routing lab's policy decides the selection
 
     `.baseline` and `.changed` are RoutingTraces of the same tokens; `.baseline_logprobs` and
     `.changed_logprobs` the log-probability of each actual next token, float[T − 1]. With
     `continuation_tokens`, both models also continue the text greedily."""
     loaded = _as_loaded(model, tokenizer, load_options)
     intervention = interventions.Intervention(
-        ablate=ablate or {}, force=force or {}, top_k=top_k, bias=bias or {}, capacity_factor=capacity_factor
+        ablate=ablate or {}, force=force or {}, top_k=top_k, bias=bias or {}, capacity_factor=capacity_factor,
+        policy=policy,
     )
     return interventions.run_intervention(
         loaded.model, loaded.tokenizer, text, intervention, model_id=loaded.model_id, max_tokens=max_tokens,

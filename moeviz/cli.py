@@ -133,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="add V to expert E's router logit at layer L (steering)")
     intervene.add_argument("--capacity-factor", type=_per_layer(float), metavar="A|L:A",
                            help="each expert takes at most max(ceil(A*k*T/E), 4) tokens: at every MoE layer, or at L")
+    intervene.add_argument("--policy", action="append", type=_routing_policy, default=[],
+                           metavar="[L:]NAME[,KEY=VALUE]", help=(
+                               "a Routing-lab policy run in the forward pass, at every MoE layer or at L: "
+                               "expert-choice[,c=EXPERTS_PER_TOKEN], hash[,method=modulo|random], "
+                               "bias-balancing[,gamma=0.01,chunk=16]"))
     intervene.add_argument("--continue", dest="continuation", type=_positive_int, metavar="N",
                            help="also let both models continue the text greedily for N tokens")
     _max_tokens_option(intervene, "cut the text after N tokens")
@@ -267,6 +272,47 @@ def _layer_bias(value: str) -> tuple[int, dict[int, float]]:
         return int(layer), {int(e): float(v) for e, v in (pair.split("=") for pair in pairs.split(","))}
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected LAYER:EXPERT=VALUE[,EXPERT=VALUE] such as 2:5=1.5, got {value!r}") from None
+
+
+POLICY_KEYS = {"expert choice": {"c": ("experts_per_token", float)},
+               "hash": {"method": ("hash_method", str)},
+               "bias balancing": {"gamma": ("update_speed", float), "chunk": ("chunk_size", int)}}
+
+
+def _routing_policy(value: str):
+    """"[L:]NAME[,KEY=VALUE...]" -> (L or None, RoutingPolicy)."""
+    from moeviz.model.interventions import RoutingPolicy
+
+    layer, colon, spec = value.partition(":")
+    if not colon:
+        layer, spec = None, value
+    name, *pairs = spec.split(",")
+    name = name.strip().replace("-", " ")
+    if name not in POLICY_KEYS:
+        raise argparse.ArgumentTypeError(f"the policy is one of {', '.join(k.replace(' ', '-') for k in POLICY_KEYS)}; "
+                                         f"got {value!r}")
+    options = {}
+    try:
+        for pair in pairs:
+            key, _, number = pair.partition("=")
+            field, kind = POLICY_KEYS[name][key.strip()]
+            options[field] = kind(number)
+        return (None if layer is None else int(layer)), RoutingPolicy(name, **options)
+    except KeyError as error:
+        raise argparse.ArgumentTypeError(f"{name} takes {', '.join(POLICY_KEYS[name])}; got {error.args[0]!r} in {value!r}") from None
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"{value!r}: {error}") from None
+
+
+def _policies(given: list):
+    """--policy values -> one RoutingPolicy for every layer, {layer: RoutingPolicy}, or None."""
+    if not given:
+        return None
+    if any(layer is None for layer, _ in given):
+        if len(given) > 1:
+            raise UsageError("a --policy without a layer applies at every MoE layer; give it alone")
+        return given[0][1]
+    return _merged(given, "--policy")
 
 
 def _per_layer(kind):
@@ -479,9 +525,10 @@ def intervene_command(args) -> int:
     changes = {
         "ablate": _merged(args.ablate, "--ablate"), "force": _merged(args.force, "--force"), "top_k": args.top_k,
         "bias": _merged(args.bias, "--bias"), "capacity_factor": args.capacity_factor,
+        "policy": _policies(args.policy),
     }
     if all(value in (None, {}) for value in changes.values()):
-        raise UsageError("say what to change: --ablate, --force, --top-k, --bias or --capacity-factor")
+        raise UsageError("say what to change: --ablate, --force, --top-k, --bias, --capacity-factor or --policy")
     result = intervene(_load(args), args.text, **changes, max_tokens=args.max_tokens,
                        continuation_tokens=args.continuation or 0)
     print(intervention_summary(result))

@@ -47,6 +47,11 @@ INCLUDE_SPECIAL = "include_special"  # session key of the sidebar's "Count speci
 MAX_TOKENS_LIMIT = 8192
 WEIGHT_STORAGE = {"auto": "auto", "full precision (the dtype above)": "none", "4-bit (NF4)": "nf4"}
 DEVICES = ("auto", "cpu", "cuda")
+# The routing policies' widgets, shared by the Routing lab and Intervene.
+HASHES = {"token id mod E": "modulo", "fixed random hash": "random"}
+UPDATE_SPEEDS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)  # DeepSeek-V3 used 0.001
+CHUNK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CAPACITY_RULE = f"C = max(⌈α·k·T/E⌉, {metrics.MIN_CAPACITY})"  # as DeepSpeed sizes it (metrics.expert_capacity)
 
 
 @dataclass(frozen=True)

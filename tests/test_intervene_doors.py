@@ -15,6 +15,7 @@ from moeviz import cli
 from moeviz.analysis import effects
 from moeviz.model.interventions import (
     Intervention,
+    RoutingPolicy,
     greedy_continuation,
     run_intervention,
 )
@@ -68,8 +69,37 @@ def test_cli_prints_the_summary_of_the_library_result(model_dir, tiny_mixtral, t
         assert f"  {label:<8} {share:7.1%}" in out
 
 
+def test_policies_from_python_and_the_command_line(model_dir, tiny_mixtral, tokenizer):
+    """`moeviz.RoutingPolicy` through moeviz.intervene, and `--policy` spelled per layer or for all."""
+    everywhere = RoutingPolicy("hash", hash_method="random")
+    expected = run_intervention(tiny_mixtral, tokenizer, TEXT, Intervention(policy=everywhere))
+    got = moeviz.intervene(tiny_mixtral, TEXT, policy=moeviz.RoutingPolicy("hash", hash_method="random"),
+                           tokenizer=tokenizer)
+    np.testing.assert_array_equal(got.changed.topk_ids, expected.changed.topk_ids)
+    np.testing.assert_allclose(got.changed_logprobs, expected.changed_logprobs, rtol=1e-6)
+
+    layered = Intervention(policy={1: RoutingPolicy("bias balancing", update_speed=0.05, chunk_size=4),
+                                   2: RoutingPolicy("expert choice", experts_per_token=1.5)})
+    result = run_intervention(tiny_mixtral, tokenizer, TEXT, layered)
+    done = subprocess.run(
+        [sys.executable, "-m", "moeviz", "intervene", TEXT, "--policy", "1:bias-balancing,gamma=0.05,chunk=4",
+         "--policy", "2:expert-choice,c=1.5", "--model", str(model_dir)],
+        check=False, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert ("bias balancing (γ = 0.05, every 4 tokens) at layer 1 · expert choice (c = 1.5) at layer 2"
+            in done.stdout)
+    after = effects.perplexity(result.changed_logprobs)
+    assert f"-> {after:.3f}" in done.stdout
+
+
 @pytest.mark.parametrize("args, status, message", [
     (["intervene", TEXT], 2, "say what to change"),
+    (["intervene", TEXT, "--policy", "top-3"], 2, "the policy is one of expert-choice, hash, bias-balancing"),
+    (["intervene", TEXT, "--policy", "hash,seed=3"], 2, "hash takes method; got 'seed'"),
+    (["intervene", TEXT, "--policy", "bias-balancing,gamma=-1"], 2, "γ must be a number > 0"),
+    (["intervene", TEXT, "--policy", "hash", "--policy", "1:hash"], 2, "applies at every MoE layer; give it alone"),
+    (["intervene", TEXT, "--policy", "1:hash", "--ablate", "1:2"], 1, "does not combine with ablate"),
     (["intervene", TEXT, "--ablate", "1-3"], 2, "expected LAYER:EXPERT[,EXPERT] such as 2:5,7"),
     (["intervene", TEXT, "--bias", "1:3"], 2, "expected LAYER:EXPERT=VALUE"),
     (["intervene", TEXT, "--ablate", "1:3", "--ablate", "1:4"], 2, "layer 1 is given twice to --ablate"),

@@ -14,7 +14,7 @@ from test_routing_lab_page import values
 
 from moeviz.analysis import effects
 from moeviz.model.capture import DEFAULT_MAX_TOKENS
-from moeviz.model.interventions import Intervention, run_intervention
+from moeviz.model.interventions import Intervention, RoutingPolicy, run_intervention
 from moeviz.model.loading import load_model
 from moeviz.model.tokens import context_length
 from moeviz.ui import default_model_source, presets
@@ -79,6 +79,32 @@ def test_a_refused_intervention_is_an_error_and_the_page_stays_usable():
         "At layer 0 of mixtral (MixtralTopKRouter), expert 2 is both forced and ablated."]
     app.multiselect(key="intervene_force").set_value([3]).run()
     assert not app.error and app.subheader[0].value == "ablate layer 0: 1, 2 · force layer 0: 3"
+
+
+def test_a_routing_policy_runs_in_the_forward_pass():
+    """Hash routing at every MoE layer, chosen on the page: the numbers equal the library's."""
+    loaded = load_model(default_model_source())
+    text = presets()["english"]
+    limit = min(DEFAULT_MAX_TOKENS, context_length(loaded.model.config))
+    policy = RoutingPolicy("hash", hash_method="random")
+    expected = run_intervention(loaded.model, loaded.tokenizer, text, Intervention(policy=policy),
+                                model_id=loaded.model_id, max_tokens=limit, continuation_tokens=12)
+    app = AppTest.from_file(APP, default_timeout=300)
+    app.switch_page(PAGE)
+    app.run()
+    app.selectbox(key="intervene_policy").set_value("Hash").run()
+    app.checkbox(key="intervene_policy_everywhere").check()
+    app.radio(key="intervene_hash").set_value("fixed random hash").run()
+    assert not app.exception, [e.message for e in app.exception]
+    assert app.subheader[0].value == "hash (random) at every MoE layer"
+    shown = {m.label: m.value for m in app.metric}
+    assert shown["Perplexity after"] == f"{effects.perplexity(expected.changed_logprobs):.3f}"
+    assert [c.value for c in app.code] == [expected.baseline_continuation, expected.changed_continuation]
+    figures = {pio.from_json(e.proto.spec).layout.title.text: pio.from_json(e.proto.spec) for e in app.get("plotly_chart")}
+    routing = figures["Tokens whose experts changed (orange: where the intervention acts)"].data[0]
+    np.testing.assert_allclose(values(routing.y), effects.experts_changed(expected.baseline, expected.changed))
+    assert min(values(routing.y)) > 0.5  # a hash ignores the router almost everywhere
+    assert set(routing.marker.color) == {intervention_charts.INTERVENED_COLOR}  # it acts at every layer
 
 
 # -- the views ---------------------------------------------------------------------------------

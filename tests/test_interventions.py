@@ -23,9 +23,12 @@ from test_families import (
 
 from moeviz.model.capture import find_routers, trace_text
 from moeviz.analysis.metrics import expert_capacity
+from moeviz.analysis import policies
 from moeviz.model.interventions import (
     Intervention,
+    POLICIES,
     InterventionRefused,
+    RoutingPolicy,
     intervening,
     run_intervention,
 )
@@ -280,6 +283,154 @@ def test_switch_capacity_factor_replaces_its_expert_capacity(tokenizer):
                                   ~gshard_drops(baseline.topk_ids[0], baseline.topk_weights[0], capacity)[:, 0])
 
 
+# -- Routing-lab policies in the forward pass ----------------------------------------------------
+
+
+def test_expert_choice_gives_each_expert_its_c_best_tokens_weighted_by_their_scores(tokenizer):
+    """Zhou et al. 2022, eq. 1, at Mixtral's layer 0 (6 experts, c = k = 2): each expert takes
+    the C = ⌈2·T/6⌉ tokens whose softmax probability for it is highest; a token's weights are
+    those probabilities, not renormalised; a token no expert chose gets nothing."""
+    model = build("mixtral")
+    result = run_intervention(model, tokenizer, TEXT, Intervention(policy={0: RoutingPolicy("expert choice")}))
+    changed = result.changed
+    tokens = changed.num_tokens
+    capacity = -(-2 * tokens // 6)
+    probs = softmax(changed.router_logits[0])
+    expected = np.zeros_like(probs)
+    for expert in range(6):
+        best = np.argsort(-probs[:, expert], kind="stable")[:capacity]
+        expected[best, expert] = probs[best, expert]
+    got = np.zeros_like(probs)
+    np.put_along_axis(got, changed.topk_ids[0].astype(np.int64), changed.topk_weights[0], axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert changed.top_k == 6 and ((got > 0).sum(0) == capacity).all()
+    assert ((got > 0).sum(1) != 2).any()  # tokens get different numbers of experts
+    np.testing.assert_array_equal(changed.router_logits[0], result.baseline.router_logits[0])
+    assert not np.allclose(changed.router_logits[1:], result.baseline.router_logits[1:])  # later layers re-ran
+    assert not np.array_equal(result.changed_logprobs, result.baseline_logprobs)
+
+
+def test_expert_choice_leaves_ablated_experts_out(tokenizer):
+    model = build("mixtral")
+    policy = RoutingPolicy("expert choice", experts_per_token=1)
+    changed = run_intervention(model, tokenizer, TEXT, Intervention(policy={1: policy}, ablate={1: [3]})).changed
+    used = changed.topk_weights[1] > 0
+    counts = np.bincount(changed.topk_ids[1][used], minlength=6)
+    capacity = -(-changed.num_tokens // 6)
+    assert counts[3] == 0 and (np.delete(counts, 3) == capacity).all()
+
+
+def test_hash_routing_sends_each_token_to_its_id_mod_e_with_weight_1(tokenizer):
+    """Roller et al. 2021: one expert per token from its id, at every layer; Mixtral weighs a
+    lone pick 1 (its softmax renormalised over the one)."""
+    model = build("mixtral")
+    for method in policies.HASH_METHODS:
+        changed = run_intervention(model, tokenizer, TEXT, Intervention(policy=RoutingPolicy("hash", hash_method=method))).changed
+        expected = policies.hash_routing(changed.token_ids, 6, method).expert_ids[:, 0]
+        assert changed.top_k == 1
+        for layer in range(len(changed.layer_ids)):
+            np.testing.assert_array_equal(changed.topk_ids[layer, :, 0], expected)
+            assert (changed.topk_weights[layer] == 1).all()
+    assert (np.array(changed.token_ids) % 6 != expected).any()  # the random hash is not the modulo
+
+
+def test_bias_balancing_in_the_forward_selects_as_the_routing_lab_and_weighs_as_mixtral(tokenizer):
+    """DeepSeek-V3's bias balancing over the tokens in chunks of 4, γ = 0.05: the same sets as
+    the Routing lab replays on the same scores; the weights Mixtral's softmax renormalised
+    over each set."""
+    model = build("mixtral")
+    policy = RoutingPolicy("bias balancing", update_speed=0.05, chunk_size=4)
+    result = run_intervention(model, tokenizer, TEXT, Intervention(policy={2: policy}))
+    changed = result.changed
+    probs = softmax(changed.router_logits[2])
+    replay = policies.bias_balancing(probs, 2, 0.05, 4)
+    plain = policies.top_k(probs, 2)
+    assert not np.array_equal(np.sort(replay.expert_ids, 1), np.sort(plain.expert_ids, 1))  # the bias moved picks
+    np.testing.assert_array_equal(np.sort(changed.topk_ids[2], 1), np.sort(replay.expert_ids, 1))
+    picked = np.take_along_axis(probs, changed.topk_ids[2].astype(np.int64), 1)
+    np.testing.assert_allclose(changed.topk_weights[2], picked / picked.sum(1, keepdims=True), rtol=1e-5)
+    np.testing.assert_array_equal(changed.topk_ids[:2], result.baseline.topk_ids[:2])
+
+
+def test_deepseek_v3_bias_balancing_weighs_the_set_by_its_own_formula(tokenizer):
+    """Sigmoid scores select (with the policy's bias, not the router's own); the weights are the
+    router's: unbiased sigmoid scores of the set, normalised, × routed_scaling_factor."""
+    model = build("deepseek_v3")
+    changed = run_intervention(model, tokenizer, TEXT, Intervention(policy={1: RoutingPolicy("bias balancing")})).changed
+    index = changed.layer_ids.index(1)
+    scores = 1 / (1 + np.exp(-changed.router_logits[index].astype(np.float64)))
+    replay = policies.bias_balancing(scores, changed.top_k, 0.01, 16)
+    np.testing.assert_array_equal(np.sort(changed.topk_ids[index], 1), np.sort(replay.expert_ids, 1))
+    picked = np.take_along_axis(scores, changed.topk_ids[index].astype(np.int64), 1)
+    router = find_routers(model)[0].module
+    np.testing.assert_allclose(changed.topk_weights[index],
+                               picked / picked.sum(1, keepdims=True) * router.routed_scaling_factor, rtol=1e-5)
+
+
+POLICY_REFUSED = {
+    ("phimoe", "expert choice"): "exactly two experts",
+    ("phimoe", "hash"): "sparsemixer",
+    ("phimoe", "bias balancing"): "sparsemixer",
+    ("llama4", "expert choice"): "Llama 4",
+    ("switch_transformers", "expert choice"): "one-hot top-1",
+    ("switch_transformers", "hash"): "encoder-decoder",
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_runs_each_policy_or_says_why_not(name, policy, tokenizer):
+    model = build(name)
+    baseline = trace_text(model, tokenizer, TEXT)
+    index = len(baseline.layer_ids) - 1
+    layer = baseline.layer_ids[index]
+    intervention = Intervention(policy={layer: RoutingPolicy(policy, update_speed=0.05, chunk_size=2)})
+    if (name, policy) in POLICY_REFUSED:
+        with pytest.raises(InterventionRefused, match=rf"{model.config.model_type}.*{POLICY_REFUSED[name, policy]}"):
+            run_intervention(model, tokenizer, TEXT, intervention)
+        return
+    with intervening(model, intervention):
+        changed, received = traced_with_experts_inputs(model, tokenizer)
+    assert_experts_received_the_trace(model, changed, received)
+    ids, weights = changed.topk_ids[index], changed.topk_weights[index]
+    used = weights > 0
+    if policy == "expert choice":
+        tokens = changed.num_tokens + (1 if changed.layer_stacks[index] == "decoder" and model.config.is_encoder_decoder else 0)
+        capacity = expert_capacity(tokens, changed.num_experts, baseline.top_k, 1.0, min_capacity=1)
+        assert (np.bincount(ids[used], minlength=changed.num_experts) == capacity).all()
+    elif policy == "hash":
+        np.testing.assert_array_equal(ids[:, 0], np.array(changed.token_ids) % changed.num_experts)
+    elif not model.config.is_encoder_decoder:  # Switch's decoder router also sees the start token
+        replay = policies.bias_balancing(changed.router_probs[index], baseline.top_k, 0.05, 2)
+        np.testing.assert_array_equal(np.sort(ids[:, :baseline.top_k], 1), np.sort(replay.expert_ids, 1))
+        assert used.any(-1).all()
+    np.testing.assert_array_equal(changed.topk_ids[:index, :, :1], baseline.topk_ids[:index, :, :1])
+
+
+@pytest.mark.parametrize("intervention, message", [
+    (Intervention(policy={0: RoutingPolicy("hash")}, ablate={0: [1]}), r"does not combine with ablate"),
+    (Intervention(policy={0: RoutingPolicy("bias balancing")}, force={0: [1]}), r"cannot take forced experts"),
+    (Intervention(policy={0: RoutingPolicy("expert choice")}, capacity_factor=1.0), r"its own capacity C"),
+    (Intervention(policy={0: RoutingPolicy("expert choice", experts_per_token=7)}), r"c = 7 .* exceeds the 6"),
+])
+def test_policy_mistakes_are_explained_before_the_model_runs(intervention, message, tokenizer):
+    model = build("mixtral")
+    with pytest.raises(ValueError, match=message):
+        run_intervention(model, tokenizer, TEXT, intervention)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (dict(name="top-3"), r"one of expert choice, hash, bias balancing"),
+    (dict(name="hash", hash_method="md5"), r"The hash is one of modulo, random"),
+    (dict(name="bias balancing", update_speed=0.0), r"γ must be a number > 0"),
+    (dict(name="bias balancing", chunk_size=0), r"chunk_size >= 1"),
+    (dict(name="expert choice", experts_per_token=float("nan")), r"c must be a number > 0"),
+])
+def test_policy_parameters_are_checked(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        RoutingPolicy(**arguments)
+
+
 # -- every family: done exactly, or refused with its reason ------------------------------------
 
 REFUSED = {
@@ -406,6 +557,10 @@ def test_describe():
     assert intervention.describe() == ("ablate layer 1: 3, 5 · force layer 2: 0 · top-1 at every MoE layer · "
                                        "bias layer 1: 2 -1.5 · capacity factor 1.25 at layer 3")
     assert Intervention().describe() == "no intervention" and Intervention().empty
+    assert Intervention(policy=RoutingPolicy("hash")).describe() == "hash (token id mod E) at every MoE layer"
+    assert Intervention(policy={2: RoutingPolicy("bias balancing", update_speed=0.001, chunk_size=8)}).describe() == (
+        "bias balancing (γ = 0.001, every 8 tokens) at layer 2")
+    assert not Intervention(policy=RoutingPolicy("expert choice")).empty
 
 
 # -- one shared model, many threads --------------------------------------------------------------

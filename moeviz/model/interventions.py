@@ -25,6 +25,15 @@ intervention means, at one MoE layer:
   token over capacity skips that expert: weight 0, its other weights kept
   (`moeviz.analysis.policies.limit_capacity`, the Routing lab's rule). Switch Transformers:
   replaces its own expert_capacity.
+- policy (`RoutingPolicy`): a Routing-lab policy (`moeviz.analysis.policies`) decides the
+  selection from the family's scores (softmax, or sigmoid for DeepSeek-V3 / GLM-4.5 / Llama 4,
+  after any bias; ablated experts left out), over the T tokens of each forward pass in order:
+  expert choice (each expert takes its C = ⌈c·T/E⌉ best-scoring tokens; weights = those scores,
+  Zhou et al. 2022), hash (one expert per token from its id, Roller et al. 2021) or bias
+  balancing (top-k of s + b, b updated after each chunk, DeepSeek-V3). Hash and bias balancing
+  fix each token's set; the weights come from the family's own formula on that set, as for
+  forced experts. Expert choice looks at all T tokens at once, later ones included (the paper's
+  own caveat for decoding); greedy continuations re-read the whole text, so it applies there too.
 Families whose router cannot do one of these exactly refuse it with `InterventionRefused`.
 
 Thread safety, as in capture.py: hooks exist for one call only, act only while that call's
@@ -38,7 +47,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -62,6 +71,47 @@ class InterventionRefused(ValueError):
     """This model's router cannot do the intervention asked for, exactly."""
 
 
+POLICIES = ("expert choice", "hash", "bias balancing")
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """A Routing-lab policy applied inside the forward pass (see the module's docstring).
+
+    name:              one of POLICIES
+    experts_per_token: expert choice's c, experts per token on average (None: the layer's k)
+    hash_method:       hash: "modulo" (token id mod E) or "random" (SplitMix64 of the id)
+    update_speed:      bias balancing's γ (DeepSeek-V3: 0.001 per training batch)
+    chunk_size:        bias balancing: tokens between two bias updates
+    """
+
+    name: str
+    experts_per_token: float | None = None
+    hash_method: str = "modulo"
+    update_speed: float = 0.01
+    chunk_size: int = 16
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"A routing policy is one of {', '.join(POLICIES)}; got {self.name!r}.")
+        if self.experts_per_token is not None and not (math.isfinite(self.experts_per_token)
+                                                       and self.experts_per_token > 0):
+            raise ValueError(f"Expert choice's experts per token c must be a number > 0; got {self.experts_per_token}.")
+        if self.hash_method not in policies.HASH_METHODS:
+            raise ValueError(f"The hash is one of {', '.join(policies.HASH_METHODS)}; got {self.hash_method!r}.")
+        if not (math.isfinite(self.update_speed) and self.update_speed > 0):
+            raise ValueError(f"The bias update speed γ must be a number > 0; got {self.update_speed}.")
+        if int(self.chunk_size) != self.chunk_size or self.chunk_size < 1:
+            raise ValueError(f"The bias is updated every chunk_size >= 1 tokens; got {self.chunk_size}.")
+
+    def describe(self) -> str:
+        if self.name == "expert choice":
+            return "expert choice" + ("" if self.experts_per_token is None else f" (c = {self.experts_per_token:g})")
+        if self.name == "hash":
+            return "hash (token id mod E)" if self.hash_method == "modulo" else "hash (random)"
+        return f"bias balancing (γ = {self.update_speed:g}, every {self.chunk_size} tokens)"
+
+
 @dataclass(frozen=True)
 class Intervention:
     """What to change, by MoE layer: the model's own layer numbers (`RoutingTrace.layer_ids`).
@@ -71,6 +121,7 @@ class Intervention:
     top_k:           k for every MoE layer, or {layer: k}
     bias:            {layer: {expert: value}} or {layer: float[experts]}, added to router logits
     capacity_factor: α for every MoE layer, or {layer: α}
+    policy:          a RoutingPolicy for every MoE layer, or {layer: RoutingPolicy}
     """
 
     ablate: Mapping[int, Sequence[int]] = field(default_factory=dict)
@@ -78,10 +129,12 @@ class Intervention:
     top_k: int | Mapping[int, int] | None = None
     bias: Mapping[int, Mapping[int, float] | Sequence[float]] = field(default_factory=dict)
     capacity_factor: float | Mapping[int, float] | None = None
+    policy: RoutingPolicy | Mapping[int, RoutingPolicy] | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.ablate or self.force or self.bias) and self.top_k is None and self.capacity_factor is None
+        return (not (self.ablate or self.force or self.bias) and self.top_k is None and self.capacity_factor is None
+                and not self.policy)
 
     def describe(self, encoder_layers: int = 0) -> str:
         """One line a person can read, e.g. "ablate layer 1: 3, 5 · top-1 at every layer"."""
@@ -95,6 +148,10 @@ class Intervention:
             pairs = values.items() if isinstance(values, Mapping) else [(e, v) for e, v in enumerate(values) if v]
             parts.append(f"bias {at(n)}: " + ", ".join(f"{e} {v:+g}" for e, v in pairs))
         parts += _every_layer("capacity factor", self.capacity_factor, at, " {}")
+        if isinstance(self.policy, RoutingPolicy):
+            parts.append(f"{self.policy.describe()} at every MoE layer")
+        elif self.policy:
+            parts += [f"{policy.describe()} at {at(n)}" for n, policy in sorted(self.policy.items())]
         return " · ".join(parts) or "no intervention"
 
 
@@ -118,6 +175,9 @@ class LayerPlan:
     force: tuple[int, ...] = ()
     bias: tuple[float, ...] | None = None
     capacity_factor: float | None = None
+    policy: RoutingPolicy | None = None
+    # Per forward pass, set by a policy: each token's experts, int[tokens, k] (others: `force`).
+    token_force: torch.Tensor | None = field(default=None, compare=False)
 
 
 # -- each family's routing, re-run ---------------------------------------------------------
@@ -138,13 +198,27 @@ def _steered(logits: torch.Tensor, plan: LayerPlan, ablate: bool = True) -> torc
     return _fill(logits, plan.ablate) if ablate else logits
 
 
+def _forced(plan: LayerPlan, like: torch.Tensor) -> torch.Tensor | None:
+    """int[tokens, f]: the experts put into each token's selection (a policy's, else the forced
+    ones), or None."""
+    if plan.token_force is not None:
+        return plan.token_force
+    if not plan.force:
+        return None
+    return torch.tensor(plan.force, device=like.device).expand(like.shape[0], -1)
+
+
+def _without_forced(choice: torch.Tensor, plan: LayerPlan) -> torch.Tensor:
+    forced = _forced(plan, choice)
+    return choice if forced is None else choice.scatter(1, forced, NEG_INF)
+
+
 def _pick(choice: torch.Tensor, plan: LayerPlan, *, sorted: bool = True) -> torch.Tensor:
     """ids [tokens, k]: the forced experts, then the best k − f of `choice` among the others."""
-    rest = torch.topk(_fill(choice, plan.force), plan.k - len(plan.force), dim=-1, sorted=sorted).indices
-    if not plan.force:
-        return rest
-    forced = torch.tensor(plan.force, device=choice.device).expand(choice.shape[0], -1)
-    return torch.cat([forced, rest], dim=-1)
+    forced = _forced(plan, choice)
+    rest = torch.topk(_without_forced(choice, plan), plan.k - (0 if forced is None else forced.shape[1]),
+                      dim=-1, sorted=sorted).indices
+    return rest if forced is None else torch.cat([forced, rest], dim=-1)
 
 
 def _softmax_top_k(*, always_normalise: bool, cast: bool):
@@ -189,7 +263,7 @@ def _sigmoid_grouped(site, logits, plan, dtype):
     pool before the groups are scored."""
     router = site.module
     scores = _steered(logits, plan, ablate=False).sigmoid()
-    choice = _fill(_fill(scores + router.e_score_correction_bias, plan.ablate), plan.force)
+    choice = _without_forced(_fill(scores + router.e_score_correction_bias, plan.ablate), plan)
     group_scores = choice.view(-1, router.num_group, router.num_experts // router.num_group).topk(2, dim=-1)[0].sum(-1)
     choice = choice.masked_fill(~_group_mask(group_scores, router), NEG_INF)
     ids = _pick(choice, plan, sorted=False)
@@ -246,8 +320,9 @@ def _switch(site, logits, plan, dtype):
     """Top-1 of the softmax (computed in router_dtype); weight = the chosen expert's probability."""
     router = site.module
     probs = torch.softmax(_steered(logits, plan), dim=-1, dtype=router.dtype).to(router.input_dtype)
-    if plan.force:
-        ids = torch.full((probs.shape[0], 1), plan.force[0], device=probs.device)
+    forced = _forced(plan, probs)
+    if forced is not None:
+        ids = forced[:, :1]
     else:
         ids = probs.argmax(dim=-1, keepdim=True)
     return probs.gather(1, ids), ids
@@ -325,7 +400,7 @@ def plan(model, intervention: Intervention) -> dict[str, tuple[RouterSite, Layer
         return {}
     # A trace holds one number of slots for all layers: when k differs between layers, every
     # layer is re-routed and the narrower ones fill their extra slots with weight 0.
-    ks = {n: int(per_layer.get(n, {}).get("top_k", _own_k(model, site))) for n, site in sites.items()}
+    ks = {n: _width(model, site, per_layer.get(n, {})) for n, site in sites.items()}
     slots = max(ks.values())
     if len(set(ks.values())) > 1:
         per_layer = {n: per_layer.get(n, {}) for n in sites}
@@ -339,14 +414,25 @@ def _own_k(model, site: RouterSite) -> int:
     return _reroute(model, site).fixed_k or _attribute(site, "top_k")
 
 
+def _width(model, site: RouterSite, options: dict) -> int:
+    """How many slots a token's selection takes at this layer: expert choice can give a token
+    every expert, hash one."""
+    policy = options.get("policy")
+    if policy is not None and policy.name == "expert choice":
+        return _attribute(site, "num_experts")
+    if policy is not None and policy.name == "hash":
+        return 1
+    return int(options.get("top_k", _own_k(model, site)))
+
+
 def _per_layer(intervention: Intervention, layer_ids: list[int]) -> dict[int, dict]:
     """{layer: {option: value}} with the every-layer options spread over all MoE layers."""
     per_layer: dict[int, dict] = {}
-    for name in ("ablate", "force", "bias", "top_k", "capacity_factor"):
+    for name in ("ablate", "force", "bias", "top_k", "capacity_factor", "policy"):
         value = getattr(intervention, name)
         if value is None:
             continue
-        if not isinstance(value, Mapping):
+        if isinstance(value, RoutingPolicy) or not isinstance(value, Mapping):
             value = dict.fromkeys(layer_ids, value)
         for layer, option in value.items():
             per_layer.setdefault(int(layer), {})[name] = option
@@ -399,8 +485,54 @@ def _layer_plan(model, site: RouterSite, options: dict, encoder_layers: int, slo
     capacity_factor = options.get("capacity_factor")
     if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
         raise ValueError(f"{where}, capacity_factor must be a number > 0 (1.0 = the balanced share); got {capacity_factor}.")
+    policy = options.get("policy")
+    if policy is not None:
+        k, policy = _policy_plan(model, site, options, k, where)
     return LayerPlan(label=label, k=k, num_experts=num_experts, slots=slots, ablate=ablate, force=force,
-                     bias=_bias(options.get("bias"), num_experts, where), capacity_factor=capacity_factor)
+                     bias=_bias(options.get("bias"), num_experts, where), capacity_factor=capacity_factor,
+                     policy=policy)
+
+
+def _policy_plan(model, site: RouterSite, options: dict, k: int, where: str) -> tuple[int, RoutingPolicy]:
+    """(the layer's k, the policy with its defaults filled in), or why the family cannot do it."""
+    policy, reroute = options["policy"], _reroute(model, site)
+    if not isinstance(policy, RoutingPolicy):
+        raise ValueError(f"{where}, a policy must be a RoutingPolicy; got {policy!r}.")
+    if options.get("force"):
+        raise ValueError(f"{where}, {policy.name} picks every token's experts itself: it cannot take forced experts.")
+    if policy.name == "expert choice":
+        if options.get("capacity_factor") is not None:
+            raise ValueError(f"{where}, expert choice gives every expert its own capacity C = ⌈c·T/E⌉: "
+                             "set its experts per token c instead of a capacity factor.")
+        if reroute.no_k or reroute.output in ("switch", "llama4"):
+            why = reroute.no_k or "its experts take exactly one expert per token"
+            raise InterventionRefused(f"{where}, expert choice cannot run: it gives tokens any number of experts, "
+                                      f"and {why}.")
+        if "top_k" in options:
+            raise ValueError(f"{where}, expert choice has no k: tokens get as many experts as choose them "
+                             "(set its experts per token c).")
+        num_experts = _attribute(site, "num_experts")
+        c = policy.experts_per_token or _own_k(model, site)
+        if c > num_experts:
+            raise ValueError(f"{where}, expert choice's c = {c:g} experts per token exceeds the {num_experts} experts.")
+        return num_experts, replace(policy, experts_per_token=c)
+    if reroute.no_force:
+        raise InterventionRefused(f"{where}, {policy.name} cannot run: it fixes each token's experts and "
+                                  f"{reroute.no_force}.")
+    if policy.name == "bias balancing":
+        return k, policy
+    own_k = _own_k(model, site)
+    if own_k != 1 and reroute.no_k:
+        raise InterventionRefused(f"{where}, hash routing cannot run: it gives each token one expert, and "
+                                  f"{reroute.no_k}.")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise InterventionRefused(f"{where}, hash routing cannot run: moeviz reads token ids for decoder-only "
+                                  "models, and this one is an encoder-decoder.")
+    extra = [name for name in ("ablate", "bias", "top_k") if options.get(name) not in (None, (), [], {})]
+    if extra:
+        raise ValueError(f"{where}, hash routing gives each token one expert by its id alone: it does not "
+                         f"combine with {' or '.join(extra)}.")
+    return 1, policy
 
 
 def _attribute(site: RouterSite, name: str) -> int:
@@ -445,6 +577,7 @@ class _Call:
 
     router_logits: dict = field(default_factory=dict)
     output_logits: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None  # the forward pass's token ids, flattened (hash routing)
 
 
 _active_call: ContextVar[_Call | None] = ContextVar("moeviz_intervention", default=None)
@@ -460,6 +593,7 @@ def intervening(model, intervention: Intervention) -> Iterator[_Call]:
     handles = []
     try:
         handles.append(model.register_forward_hook(_output_recorder(call)))
+        handles.append(model.register_forward_pre_hook(_input_recorder(call), with_kwargs=True))
         for site, layer_plan, reroute in plans.values():
             handles.append(site.module.register_forward_hook(_router_hook(site, layer_plan, reroute, call), prepend=True))
             if reroute.output == "experts":
@@ -483,6 +617,15 @@ def _output_recorder(call: _Call):
     return hook
 
 
+def _input_recorder(call: _Call):
+    def hook(module, args, kwargs):
+        if _active_call.get() is call:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            call.input_ids = None if ids is None else ids.reshape(-1)
+
+    return hook
+
+
 def _router_hook(site: RouterSite, plan: LayerPlan, reroute: Reroute, call: _Call):
     def hook(module, args, output):
         if _active_call.get() is not call:
@@ -491,7 +634,7 @@ def _router_hook(site: RouterSite, plan: LayerPlan, reroute: Reroute, call: _Cal
             call.router_logits[site.name] = output
             return None
         logits = output[{"tuple": 0, "llama4": 1, "switch": 2}[reroute.output]]
-        weights, ids, kept = _select(site, plan, reroute, logits, args[0].dtype)
+        weights, ids, kept = _select(site, plan, reroute, logits, args[0].dtype, call)
         if reroute.output == "tuple":
             return (output[0], _drop(weights, kept), ids, *output[3:])
         if reroute.output == "llama4":
@@ -508,18 +651,22 @@ def _experts_hook(site: RouterSite, plan: LayerPlan, reroute: Reroute, call: _Ca
         if _active_call.get() is not call:
             return None
         logits = call.router_logits.pop(site.name)
-        weights, ids, kept = _select(site, plan, reroute, logits, args[0].dtype)
+        weights, ids, kept = _select(site, plan, reroute, logits, args[0].dtype, call)
         return (args[0], ids, _drop(weights, kept), *args[3:])
 
     return hook
 
 
-def _select(site, plan: LayerPlan, reroute: Reroute, logits: torch.Tensor, dtype):
+def _select(site, plan: LayerPlan, reroute: Reroute, logits: torch.Tensor, dtype, call: _Call):
     """(weights, ids, kept): the family's selection under the plan; kept bool[tokens, k] is
     False where an expert over capacity turns the token away (None: no capacity)."""
     flat = logits.reshape(-1, logits.shape[-1])
-    weights, ids = reroute.route(site, flat, plan, dtype)
-    if plan.ablate and torch.isin(ids, torch.tensor(plan.ablate, device=ids.device)).any():
+    if plan.policy is None:
+        weights, ids = reroute.route(site, flat, plan, dtype)
+    else:
+        weights, ids = _policy_route(site, plan, reroute, flat, dtype, call)
+    expert_choice = plan.policy is not None and plan.policy.name == "expert choice"  # lists all, weight 0 if not chosen
+    if plan.ablate and not expert_choice and torch.isin(ids, torch.tensor(plan.ablate, device=ids.device)).any():
         raise ValueError(
             f"At {plan.label}, the router could not fill its {plan.k} slots without an ablated expert: its groups "
             "left too few others. Ablate fewer experts there."
@@ -534,6 +681,46 @@ def _select(site, plan: LayerPlan, reroute: Reroute, logits: torch.Tensor, dtype
     return (*_padded(weights, ids, plan), padded_kept)
 
 
+def _policy_route(site, plan: LayerPlan, reroute: Reroute, logits: torch.Tensor, dtype, call: _Call):
+    """(weights, ids) [tokens, k] as the plan's policy routes this forward pass's tokens."""
+    policy = plan.policy
+    if policy.name == "hash":
+        if call.input_ids is None or call.input_ids.numel() != logits.shape[0]:
+            raise InterventionRefused(f"At {plan.label}, hash routing needs the token id of every token the router "
+                                      "sees, and this forward pass did not pass them as input_ids.")
+        chosen = policies.hash_routing(call.input_ids.cpu().numpy(), plan.num_experts, policy.hash_method).expert_ids
+        return reroute.route(site, logits, replace(plan, token_force=_on(chosen, logits).long()), dtype)
+    scores = _scores(site, logits, plan)
+    allowed = np.array([e for e in range(plan.num_experts) if e not in plan.ablate])
+    if policy.name == "bias balancing":
+        chosen = policies.bias_balancing(scores[:, allowed], plan.k, policy.update_speed, policy.chunk_size).expert_ids
+        return reroute.route(site, logits, replace(plan, token_force=_on(allowed[chosen], logits).long()), dtype)
+    tokens = scores.shape[0]
+    capacity = min(tokens, expert_capacity(tokens, plan.num_experts, policy.experts_per_token, 1.0, min_capacity=1))
+    picked = policies.expert_choice(scores[:, allowed], capacity)
+    # Every expert in every slot: the ones that chose the token first, by weight, then the others at weight 0.
+    dense = np.zeros((tokens, plan.num_experts), dtype=np.float32)
+    rows, slots = np.nonzero(picked.expert_ids >= 0)
+    dense[rows, allowed[picked.expert_ids[rows, slots]]] = picked.weights[rows, slots]
+    chosen = np.zeros(dense.shape, dtype=bool)
+    chosen[rows, allowed[picked.expert_ids[rows, slots]]] = True
+    ids = np.argsort(np.where(chosen, -dense, np.inf), axis=1, kind="stable")
+    own_dtype = reroute.route(site, logits[:1], replace(plan, k=1, force=(), policy=None), dtype)[0].dtype
+    return _on(np.take_along_axis(dense, ids, axis=1), logits).to(own_dtype), _on(ids, logits).long()
+
+
+def _scores(site, logits: torch.Tensor, plan: LayerPlan) -> np.ndarray:
+    """float64[tokens, experts]: the family's scores after the plan's bias, as the trace shows
+    them (softmax, or sigmoid for DeepSeek-V3 / GLM-4.5 / Llama 4)."""
+    steered = _steered(logits, plan, ablate=False).double()
+    sigmoid = type(site.module).__name__ in (*GROUPED, "Llama4Router")
+    return (steered.sigmoid() if sigmoid else steered.softmax(dim=-1)).cpu().numpy()
+
+
+def _on(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values)).to(like.device)
+
+
 def _padded(values: torch.Tensor, ids: torch.Tensor, plan: LayerPlan) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) widened to `plan.slots`: the extra slots hold the lowest-numbered experts not
     selected, with value 0 (False for a mask), so they add nothing to the token's output."""
@@ -543,7 +730,7 @@ def _padded(values: torch.Tensor, ids: torch.Tensor, plan: LayerPlan) -> tuple[t
     free = torch.ones(ids.shape[0], plan.num_experts, device=ids.device).scatter_(1, ids, 0)
     lowest_first = free * torch.arange(free.shape[1], 0, -1, device=ids.device)
     filler = torch.topk(lowest_first, extra, dim=-1).indices
-    return torch.cat([values, torch.zeros_like(values[:, :extra])], 1), torch.cat([ids, filler], 1)
+    return torch.cat([values, values.new_zeros(values.shape[0], extra)], 1), torch.cat([ids, filler], 1)
 
 
 def _within_capacity(ids: torch.Tensor, weights: torch.Tensor, capacity: int, num_experts: int) -> torch.Tensor:
