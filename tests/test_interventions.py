@@ -566,11 +566,12 @@ def test_describe():
 # -- one shared model, many threads --------------------------------------------------------------
 
 
-def test_eight_threads_with_different_interventions_each_get_their_own(tokenizer):
+def test_ten_threads_with_different_interventions_each_get_their_own(tokenizer):
     model = build("mixtral")
     interventions = [Intervention(), Intervention(ablate={0: [0]}), Intervention(ablate={1: [3]}),
                      Intervention(force={2: [5]}), Intervention(top_k=1), Intervention(top_k=3),
-                     Intervention(bias={0: {2: 4.0}}), Intervention(capacity_factor=0.5)]
+                     Intervention(bias={0: {2: 4.0}}), Intervention(capacity_factor=0.5),
+                     Intervention(policy=RoutingPolicy("hash")), Intervention(policy={1: RoutingPolicy("expert choice")})]
     alone = [run_intervention(model, tokenizer, TEXT, how) for how in interventions]
     barrier = threading.Barrier(len(interventions))
     results, errors = [None] * len(interventions), []
