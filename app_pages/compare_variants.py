@@ -10,6 +10,7 @@ import streamlit as st
 from moeviz.analysis import effects
 from moeviz.api import compare_variants
 from moeviz.model.planning import STORAGE_NAMES
+from moeviz.session_cache import session_cached
 from moeviz.team import read_settings
 from moeviz.ui import (
     ModelChoice,
@@ -28,7 +29,7 @@ SAME_NF4, SAME_FULL, OTHER = ("the same model, 4-bit (NF4)", "the same model, fu
                               "another local model or checkpoint")
 
 
-@st.cache_data(show_spinner="Running the text through both models…", max_entries=16)
+@session_cached("Running the text through both models…")
 def cached_comparison(choice_a: ModelChoice, choice_b: ModelChoice, text: str):
     loaded = [cached_model(c.source, c.device, c.dtype, c.quantization) for c in (choice_a, choice_b)]
     with ExitStack() as turns:

@@ -7,6 +7,7 @@ import streamlit as st
 
 from moeviz.analysis import contrast
 from moeviz.model.interventions import Intervention, run_intervention
+from moeviz.session_cache import session_cached
 from moeviz.ui import (
     ModelChoice,
     cached_model,
@@ -24,7 +25,7 @@ SEPARATOR = re.compile(r"\n?^---[ \t]*$\n?", re.MULTILINE)  # the line and its l
 ACTIONS = {"ablate": "Ablate them (never selected)", "force": "Boost them (forced into every token's selection)"}
 
 
-@st.cache_data(show_spinner="Running the text twice: as the model routes it, and steered…", max_entries=64)
+@session_cached("Running the text twice: as the model routes it, and steered…")
 def cached_steering(choice: ModelChoice, text: str, action: str, experts: tuple[tuple[int, tuple[int, ...]], ...]):
     loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
     intervention = Intervention(**{action: {layer: list(chosen) for layer, chosen in experts}})

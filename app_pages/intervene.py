@@ -6,6 +6,7 @@ import streamlit as st
 
 from moeviz.analysis import effects
 from moeviz.model.interventions import Intervention, RoutingPolicy, run_intervention
+from moeviz.session_cache import session_cached
 from moeviz.ui import (
     CAPACITY_RULE,
     CHUNK_SIZES,
@@ -24,7 +25,7 @@ from moeviz.views import intervention_charts
 POLICY_CHOICES = ("none: the model's own routing", "Expert choice", "Hash", "Bias balancing (DeepSeek-V3)")
 
 
-@st.cache_data(show_spinner="Running the model twice: as it routes, and with the intervention…", max_entries=64)
+@session_cached("Running the model twice: as it routes, and with the intervention…")
 def cached_intervention(choice: ModelChoice, text: str, layer: int, ablate: tuple, force: tuple, k: int | None,
                         bias: tuple[int, float] | None, capacity_factor: float | None, continuation: int,
                         policy: RoutingPolicy | None = None, policy_everywhere: bool = False):

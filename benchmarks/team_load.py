@@ -7,7 +7,9 @@ server really has that many forward passes to queue) and each waits until its pa
 the result. Every tab gets texts of its own length, so a session shown another's routing would
 show a wrong token count: each count is checked against `trace_text` run in this process.
 Recorded: p50/p95 of the time from Ctrl+Enter to the page settled, errors, and the server's
-resident memory (VmRSS) after sign-in, at the end of the rounds, and 10 s after the tabs close.
+resident memory (VmRSS) after sign-in (warm: the model loaded, one text traced per tab), at the
+end of the rounds, and after the tabs close and the cache's sweeper (every 5 s here) has dropped
+their traces: it must come back within 10% of the warm figure.
 
 Bounded: at most 32 sessions and 600 s; loopback only.
 
@@ -35,6 +37,8 @@ from moeviz.model.loading import BUNDLED_MODEL, load_model
 from moeviz.model.tokens import context_length
 
 TOKEN = "load-test-token"
+SWEEP_SECONDS = 5
+RSS_TOLERANCE = 0.10
 SAMPLES = ROOT / "assets" / "samples"
 MAX_SESSIONS, MAX_SECONDS = 32, 600
 
@@ -75,7 +79,8 @@ def main() -> int:
     corpus = "\n".join(path.read_text(encoding="utf-8") for path in sorted(SAMPLES.glob("*.txt")))
     model = load_model(str(BUNDLED_MODEL))
     limit = min(DEFAULT_MAX_TOKENS, context_length(model.model.config))  # the sidebar's default
-    env = os.environ | {"MOEVIZ_TEAM": "1", "MOEVIZ_ACCESS_TOKEN": TOKEN, "MOEVIZ_MODELS": f"bundled={BUNDLED_MODEL}"}
+    env = os.environ | {"MOEVIZ_TEAM": "1", "MOEVIZ_ACCESS_TOKEN": TOKEN, "MOEVIZ_MODELS": f"bundled={BUNDLED_MODEL}",
+                        "MOEVIZ_CACHE_SWEEP_SECONDS": str(SWEEP_SECONDS)}
     latencies, errors, wrong, rss = [], [], 0, {}
     with tempfile.TemporaryDirectory() as scratch, running_app(Path(scratch) / "server.log", env) as url:
         port = url.rsplit(":", 1)[1]
@@ -107,8 +112,8 @@ def main() -> int:
             errors += [e for tab in tabs for e in tab.errors]
             for tab in tabs:
                 tab.page.close()
-        time.sleep(10)
-        rss["10 s after the tabs closed"] = server_rss(port)
+        time.sleep(3 * SWEEP_SECONDS)
+        rss[f"{3 * SWEEP_SECONDS} s after the tabs closed"] = server_rss(port)
     actions = len(latencies)
     print(f"{args.sessions} sessions, {round_} rounds, {actions} page runs in {args.seconds:.0f} s; "
           f"errors {len(errors)}; wrong token counts {wrong}")
@@ -117,9 +122,13 @@ def main() -> int:
         print(f"send -> page settled: p50 {statistics.median(latencies):.2f} s, p95 {p95:.2f} s")
     for moment, value in rss.items():
         print(f"server RSS {moment}: {value / 2**20:.0f} MiB")
+    warm, last = rss["signed in"], list(rss.values())[-1]
+    returned = last <= warm * (1 + RSS_TOLERANCE)
+    print(f"RSS after the sessions ended: {last / warm - 1:+.1%} of the warm figure "
+          f"({'within' if returned else 'NOT within'} {RSS_TOLERANCE:.0%})")
     for error in errors[:5]:
         print("error:", error)
-    return 1 if errors or wrong else 0
+    return 1 if errors or wrong or not returned else 0
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from moeviz.model.loading import (
 from moeviz.model.planning import STORAGE_NAMES, MemoryPlan, format_bytes
 from moeviz.model.queue import FairQueue
 from moeviz.model.tokens import context_length
+from moeviz.session_cache import session_cached
 from moeviz.team import read_settings
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
@@ -128,16 +129,15 @@ def model_turn(choice: ModelChoice) -> Iterator[None]:
         notice.empty()
 
 
-# Bounded: a trace of 8,192 tokens through a 32-layer, 8-expert model holds about 20 MB of
-# router logits and top-k arrays; 32 + 16 entries keep the caches under about 1 GB.
-@st.cache_data(show_spinner="Running the model and capturing its routing…", max_entries=32, ttl="2h")
+# Traces are kept in bytes-bounded memory, per session and in total (moeviz.session_cache).
+@session_cached("Running the model and capturing its routing…")
 def cached_trace(choice: ModelChoice, text: str) -> RoutingTrace:
     loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
     with model_turn(choice):
         return trace_text(loaded.model, loaded.tokenizer, text, model_id=loaded.model_id, max_tokens=choice.max_tokens)
 
 
-@st.cache_data(show_spinner="Generating, capturing the routing of every new token…", max_entries=16, ttl="2h")
+@session_cached("Generating, capturing the routing of every new token…")
 def cached_generation(choice: ModelChoice, prompt: str, sampling: Sampling) -> RoutingTrace:
     loaded = cached_model(choice.source, choice.device, choice.dtype, choice.quantization)
     with model_turn(choice):
