@@ -7,7 +7,7 @@ to the legacy automatic multipage mode, which bypasses this file's st.navigation
 import streamlit as st
 
 from moeviz.signin import gate
-from moeviz.ui import model_sidebar
+from moeviz.ui import QUEUE_LEFT, LeftQueue, model_sidebar
 
 st.set_page_config(page_title="moeviz", page_icon="🔀", layout="wide")
 if not gate():  # team mode: nothing below runs before sign-in
@@ -36,4 +36,9 @@ pages = st.navigation({
     ],
 })
 st.session_state["model_choice"] = model_sidebar()
-pages.run()
+try:
+    pages.run()
+except LeftQueue as left:
+    st.info(str(left), icon="🚶")
+finally:
+    st.session_state.pop(QUEUE_LEFT, None)  # a press that came after the wait ended means nothing

@@ -3,6 +3,7 @@ and charts with their CSV downloads. Pages call these and never touch torch."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 from collections.abc import Iterator
@@ -109,24 +110,47 @@ def cached_queue(source: str, device: str, dtype: str, quantization: str = "auto
     return FairQueue(slots=read_settings().concurrency)
 
 
+QUEUE_LEFT = "model_queue_left"  # session key: the person pressed "Leave the queue"
+_leave_keys = itertools.count()
+
+
+class LeftQueue(Exception):
+    """The person left the queue for the model: the page stops where it waited (app.py says so)."""
+
+
+def _leave_queue() -> None:
+    st.session_state[QUEUE_LEFT] = True
+
+
 @contextmanager
 def model_turn(choice: ModelChoice) -> Iterator[None]:
     """This session's turn on the model: forward passes from all sessions run one at a time
     ($MOEVIZ_CONCURRENCY at a time in team mode), first come first served. While waiting, the
-    page shows its place; a rerun or a closed tab leaves the queue."""
-    notice = st.empty()
+    page shows its place and a "Leave the queue" button; that button, a rerun or a closed tab
+    leaves the queue."""
+    if st.session_state.pop(QUEUE_LEFT, False):
+        raise LeftQueue("You left the queue for the model, so this page stopped before running it. Change the "
+                        "input, or press R to run the page again, to join the queue again.")
+    notice, leave = st.empty(), st.empty()
+    shown_button = False
 
     def show_place(place: int) -> None:
+        nonlocal shown_button
         ahead = "1 text is" if place == 1 else f"{place:,} texts are"
         notice.info(f"The model is busy with other people's texts: {ahead} in the queue before yours.", icon="⏳")
+        if not shown_button:  # once per wait: its key must be unique in the run
+            leave.button("Leave the queue", key=f"leave_queue-{next(_leave_keys)}", on_click=_leave_queue)
+            shown_button = True
 
     try:
         with cached_queue(choice.source, choice.device, choice.dtype, choice.quantization).turn(
                 show_place, get_run_yield_check()):
             notice.empty()
+            leave.empty()
             yield
     finally:
         notice.empty()
+        leave.empty()
 
 
 # Traces are kept in bytes-bounded memory, per session and in total (moeviz.session_cache).

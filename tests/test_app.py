@@ -125,6 +125,29 @@ def test_analyse_page_ships_every_layer_to_the_routing_view(model):
     assert data["left_out"] == trace.special.tolist()  # BOS grey: the statistics leave it out
 
 
+def test_leaving_the_queue_stops_the_page_and_the_next_run_queues_again():
+    """What the "Leave the queue" button does (its callback sets QUEUE_LEFT, then Streamlit
+    reruns): the page stops before its forward pass and says why; the next run traces."""
+    from moeviz.ui import QUEUE_LEFT
+
+    app = AppTest.from_file(APP, default_timeout=300)
+    app.run()
+    app.text_area(key="analyse_text").input("a text no other test analyses: leave the queue, then come back")
+    app.session_state[QUEUE_LEFT] = True
+    app.run()
+    assert not app.exception
+    assert [i.value for i in app.info if i.value.startswith("You left the queue for the model")]
+    assert not any(" tokens · " in c.value for c in app.caption)
+    app.run()
+    assert any(" tokens · " in c.value for c in app.caption)
+    assert not any("You left the queue" in i.value for i in app.info)
+    # A press that came too late (the text was already traced) means nothing for later runs.
+    app.session_state[QUEUE_LEFT] = True
+    app.run()
+    app.text_area(key="analyse_text").input("another text no other test analyses: after a late press").run()
+    assert any(" tokens · " in c.value for c in app.caption) and not app.exception
+
+
 def test_empty_text_gives_a_hint_not_an_error():
     app = run_page()
     app.text_area(key="analyse_text").set_value("   \n ").run()
