@@ -42,7 +42,7 @@ from moeviz.session_cache import session_cached
 from moeviz.team import read_settings
 from moeviz.trace import RoutingTrace, TraceFileError
 from moeviz.views import charts
-from moeviz.views.routing_view import routing_view_height, routing_view_html
+from moeviz.views.routing_view import URL_PARAMS, routing_view_height, routing_view_html
 
 SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "samples"
 INCLUDE_SPECIAL = "include_special"  # session key of the sidebar's "Count special tokens" toggle
@@ -584,9 +584,15 @@ def repeat_rates(trace: RoutingTrace) -> metrics.RepeatRates:
 
 def routing_view(trace: RoutingTrace) -> None:
     """The in-browser routing view of every layer (`moeviz.views.routing_view`), special tokens
-    grey when the statistics leave them out."""
+    grey when the statistics leave them out. It opens at the layer and pinned token the URL
+    names (`?view_layer=3&token=17`, written by the view itself); values that do not fit this
+    trace are ignored."""
     left_out = ~metrics.counted_tokens(trace, include_special())
-    st.iframe(routing_view_html(trace, left_out=left_out), height=routing_view_height(trace), alt="Routing view")
+    layer, token = (url_number(name) for name in URL_PARAMS)
+    layer = layer if layer in trace.layer_ids else None
+    token = token if token is not None and token < trace.num_tokens else None
+    st.iframe(routing_view_html(trace, layer, left_out=left_out, pinned=token), height=routing_view_height(trace),
+              alt="Routing view")
 
 
 def enough_tokens(trace: RoutingTrace, what: str = "This text") -> bool:
@@ -619,15 +625,21 @@ def load_title(picks: int, where: str) -> str:
     return f"Share of tokens per expert, {counted_as} · {where}"
 
 
+def url_number(name: str) -> int | None:
+    """The URL's query parameter `name` as a whole number >= 0, or None (absent or not one)."""
+    value = st.query_params.get(name, "")
+    return int(value) if len(value) <= 9 and value.isascii() and value.isdigit() else None
+
+
 def layer_picker(trace: RoutingTrace, key: str, label: str = "Layer") -> int:
     """A layer slider, its layer in the URL (`?layer=3`), so a link reopens the same view."""
     if len(trace.layer_ids) == 1:
         return trace.layer_ids[0]
     # The key carries the layer ids, so a model with other layers starts a fresh slider.
     slider = f"{key}-{trace.layer_ids}"
-    wanted = st.query_params.get("layer", "")
-    if slider not in st.session_state and wanted.isdigit() and int(wanted) in trace.layer_ids:
-        st.session_state[slider] = int(wanted)  # a shared link opens at its layer
+    wanted = url_number("layer")
+    if slider not in st.session_state and wanted in trace.layer_ids:
+        st.session_state[slider] = wanted  # a shared link opens at its layer
     layer = st.select_slider(label, options=trace.layer_ids, format_func=trace.layer_label, key=slider)
     st.query_params["layer"] = str(layer)
     return layer

@@ -11,6 +11,7 @@ import json
 import re
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -213,6 +214,28 @@ def test_routing_view_switches_layers_in_the_browser(tab, model):
     assert hits == [t for t, token in enumerate(trace.tokens) if "the" in token.lower()] and hits
     assert view.locator("#matches").inner_text() == f"{len(hits)} tokens match"
     assert tab.finished == runs
+
+
+def test_a_link_reopens_the_routing_view_as_it_was(tab, model):
+    """Switching the view's layer and pinning a token write ?view_layer=&token= into the page's
+    URL (no script run); that URL opened anew shows the same layer and pinned token."""
+    tab.open()
+    trace = expected_trace(model, presets()["english"])
+    runs = tab.finished
+    view = tab.routing_view()
+    layer = tab.view_layer("End")
+    view.locator("#tokens .tok").nth(9).click()
+    query = parse_qs(urlsplit(tab.page.url).query)
+    assert query["view_layer"] == [str(trace.layer_ids[layer])] and query["token"] == ["9"]
+    assert tab.finished == runs
+
+    tab.act(lambda: tab.page.goto(tab.page.url))
+    view = tab.routing_view()
+    assert view.evaluate("() => document.body.dataset.shown") == str(layer)
+    assert view.locator(".pinned-head").inner_text().startswith(f"Pinned: position 9 · token id {trace.token_ids[9]}")
+    assert view.locator("#tokens .tok.pinned").evaluate("span => +span.dataset.pos") == 9
+    view.locator("#tokens .tok").nth(9).click()  # unpinned: the token leaves the URL
+    assert "token" not in parse_qs(urlsplit(tab.page.url).query)
     tab.screenshot("analyse-routing-view-pinned")
 
 

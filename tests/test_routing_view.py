@@ -53,7 +53,10 @@ def test_payload_round_trips_the_trace_arrays(trace):
 def test_left_out_tokens_and_start_layer(trace):
     page = routing_view.routing_view_html(trace, layer_id=4, left_out=trace.special)
     assert payload_of(page)["left_out"] == [False] * 5 + [True]
-    assert '<body data-layer="2">' in page  # layer 4 is the third MoE layer
+    assert '<body data-layer="2" data-pinned="-1">' in page  # layer 4 is the third MoE layer, nothing pinned
+    assert '<body data-layer="0" data-pinned="5">' in routing_view.routing_view_html(trace, pinned=5)
+    with pytest.raises(ValueError, match="cannot pin token 6: the text has 6 tokens"):
+        routing_view.routing_view_html(trace, pinned=6)
     with pytest.raises(ValueError, match="one flag per token"):
         routing_view.routing_payload(trace, left_out=[True])
 

@@ -3,6 +3,7 @@ uploaded trace across pages, and the view in the URL. Real app under AppTest."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,22 @@ def test_a_link_with_an_unknown_preset_or_layer_falls_back():
     app = run_app(preset="<script>", layer="99")
     assert app.selectbox(key="analyse_text_preset").value == "english"
     assert app.select_slider[0].value == 0
+
+
+def view_state(app: AppTest) -> tuple[str, str]:
+    """(layer index, pinned position) the routing view opens with, from its HTML."""
+    [view] = app.get("iframe")
+    return (re.search(r'data-layer="(-?\d+)"', view.proto.srcdoc)[1], re.search(r'data-pinned="(-?\d+)"', view.proto.srcdoc)[1])
+
+
+def test_a_link_reopens_the_routing_views_layer_and_pinned_token():
+    """The view writes ?view_layer=&token= itself as a person switches layers and pins a token
+    (tests/test_e2e_browser.py); the server opens the view as the link says."""
+    app = run_app(preset="math", view_layer="3", token="17")
+    assert view_state(app) == ("3", "17")  # layer 3 is the fourth MoE layer of the bundled model
+
+
+@pytest.mark.parametrize("layer, token", [("99", "100000"), ("-1", "x"), ("²", "١٧"), ("9" * 5000, "1e3")])
+def test_a_link_with_a_view_that_does_not_fit_opens_the_default_view(layer, token):
+    app = run_app(preset="math", view_layer=layer, token=token)
+    assert view_state(app) == ("0", "-1")

@@ -103,12 +103,21 @@ def routing_view_height(trace: RoutingTrace) -> int:
     return 40 + 330 + charts_height + 60 + min(30 * len(trace.layer_ids) + 30, 310)
 
 
-def routing_view_html(trace: RoutingTrace, layer_id: int | None = None, left_out=None) -> str:
+def routing_view_html(trace: RoutingTrace, layer_id: int | None = None, left_out=None,
+                      pinned: int | None = None) -> str:
     """The whole view as one HTML document (for `st.iframe`), starting at `layer_id` (the
-    first MoE layer by default)."""
+    first MoE layer by default) with token `pinned` (a position) pinned, if given.
+
+    In the app, the view writes its layer and pinned token into the page's URL
+    (`?view_layer=3&token=17`, `URL_PARAMS`), so a link reopens it as it was."""
     start = trace.layer_index(layer_id) if layer_id is not None else 0
+    if pinned is not None and not 0 <= pinned < trace.num_tokens:
+        raise ValueError(f"cannot pin token {pinned}: the text has {trace.num_tokens} tokens")
     return (_PAGE.replace("@DATA@", payload_json(routing_payload(trace, left_out)))
-            .replace("@START@", str(start)))
+            .replace("@START@", str(start)).replace("@PINNED@", str(-1 if pinned is None else pinned)))
+
+
+URL_PARAMS = ("view_layer", "token")  # the view's layer (the model's number) and pinned position
 
 
 _PAGE = """<!DOCTYPE html>
@@ -138,7 +147,7 @@ h4{margin:4px 0;font-size:14px}
 .dist span{width:5px;display:inline-block}
 .note{color:#808495;font-size:12px}
 </style></head>
-<body data-layer="@START@">
+<body data-layer="@START@" data-pinned="@PINNED@">
 <script type="application/json" id="moeviz-routing-data">@DATA@</script>
 <div class="bar">
   <label>Layer <input type="range" id="layer" min="0" step="1" aria-label="Layer"></label>
@@ -174,7 +183,18 @@ const pick = (l, t, r) => IDS.array[(l * T + t) * K + r];
 const weight = (l, t, r) => W ? W.array[(l * T + t) * K + r] : null;
 const prob = (l, t, e) => P.array[(l * T + t) * E + e];
 const $ = id => document.getElementById(id);
-let layer = +document.body.dataset.layer, hovered = -1, pinned = -1, windowStart = 0;
+let layer = +document.body.dataset.layer, hovered = -1, pinned = +document.body.dataset.pinned, windowStart = 0;
+
+// The app's URL remembers the view (layer, pinned token), so a link reopens it; the view is a
+// same-origin frame of the app's page. Saved on its own, it has no such page: nothing to write.
+function remember() {
+  try {
+    const url = new URL(window.parent.location.href);
+    url.searchParams.set("view_layer", D.layer_ids[layer]);
+    if (pinned >= 0) url.searchParams.set("token", pinned); else url.searchParams.delete("token");
+    if (url.href !== window.parent.location.href) window.parent.history.replaceState(window.parent.history.state, "", url);
+  } catch (error) { /* not inside the app */ }
+}
 
 const spans = D.labels.map((label, t) => {
   const span = document.createElement("span");
@@ -228,6 +248,7 @@ function showLayer(l, started) {
   document.querySelectorAll(".uniform").forEach(u => u.style.left = (100 / E / scale) + "%");
   drawHeatmap(); showPath(); showDetails();
   document.body.dataset.layer = layer;
+  if (started !== undefined) remember();
   if (started !== undefined) requestAnimationFrame(() => setTimeout(() => {
     document.body.dataset.shown = layer;
     document.body.dataset.switchMs = (performance.now() - started).toFixed(1);
@@ -329,7 +350,7 @@ box.addEventListener("click", event => {
   if (pinned >= 0) spans[pinned].classList.remove("pinned");
   pinned = pinned === t ? -1 : t;
   if (pinned >= 0) spans[pinned].classList.add("pinned");
-  hover(t); showDetails();
+  hover(t); showDetails(); remember();
 });
 $("heat").addEventListener("mousemove", event => {
   const c = Math.floor((event.offsetX - 60) / CELL);
@@ -357,6 +378,7 @@ $("search").addEventListener("input", event => {
   $("matches").textContent = query ? found + (found === 1 ? " token matches" : " tokens match") : "";
   if (firstHit >= 0) spans[firstHit].scrollIntoView({block: "nearest"});
 });
+if (pinned >= 0) { spans[pinned].classList.add("pinned"); hover(pinned); spans[pinned].scrollIntoView({block: "nearest"}); }
 showLayer(layer);
 </script></body></html>
 """
