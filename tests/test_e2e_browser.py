@@ -216,6 +216,52 @@ def test_routing_view_switches_layers_in_the_browser(tab, model):
     assert tab.finished == runs
 
 
+def test_overview_strip_moves_the_heatmap_window_and_zoom_resizes_it(tab, model):
+    """The strip under the heatmap is the whole text: a click centres the window there, a drag
+    follows the mouse, and zoom out shows more tokens, narrower, around the same centre."""
+    tab.open()
+    trace = expected_trace(model, presets()["english"])
+    view = tab.routing_view()
+
+    def window() -> tuple[int, int]:
+        start, end = view.evaluate("() => document.body.dataset.window").split("-")
+        return int(start), int(end)
+
+    start, end = window()
+    size = end - start + 1
+    assert start == 0 and 16 <= size < trace.num_tokens
+    strip = view.locator("#overview")
+    strip.scroll_into_view_if_needed()
+    box = strip.bounding_box()
+    inner = box["width"] - 60  # the strip's first 60 px hold its label
+
+    def token_at(fraction: float) -> float:
+        return fraction * trace.num_tokens
+
+    strip.click(position={"x": 60 + inner * 0.5, "y": 9})
+    start, end = window()
+    assert abs((start + end + 1) / 2 - token_at(0.5)) <= 1
+    title = view.locator("#heat-title").inner_text()
+    assert title.endswith(f"tokens {start}–{end}")
+    box = strip.bounding_box()
+    view.page.mouse.move(box["x"] + 60 + inner * 0.2, box["y"] + 9)
+    view.page.mouse.down()
+    view.page.mouse.move(box["x"] + 60 + inner * 0.7, box["y"] + 9, steps=5)
+    view.page.mouse.up()
+    start, end = window()
+    assert abs((start + end + 1) / 2 - token_at(0.7)) <= 1
+    centre = (start + end + 1) / 2
+    view.locator("#zoom-out").click()
+    start, end = window()
+    wider = end - start + 1  # 8 px columns instead of 12 over the same width: 1.5 times the tokens
+    assert wider == trace.num_tokens or size * 3 // 2 <= wider <= (size + 1) * 3 // 2
+    assert abs((start + end + 1) / 2 - centre) <= 1 and start <= centre <= end
+    view.locator("#zoom-in").click()
+    view.locator("#zoom-in").click()
+    assert window()[1] - window()[0] + 1 < size  # 16 px columns: fewer tokens than at first
+    assert tab.page.locator('[data-testid="stException"]').count() == 0
+
+
 def test_a_link_reopens_the_routing_view_as_it_was(tab, model):
     """Switching the view's layer and pinning a token write ?view_layer=&token= into the page's
     URL (no script run); that URL opened anew shows the same layer and pinned token."""

@@ -92,9 +92,9 @@ def test_hostile_tokens_stay_inert(trace):
 
 
 def test_height_grows_with_experts_and_layers_up_to_a_cap(trace):
-    assert routing_view.routing_view_height(trace) == 40 + 330 + (14 * 4 + 100) + 60 + (30 * 3 + 30)
+    assert routing_view.routing_view_height(trace) == 40 + 330 + (14 * 4 + 100) + 24 + 60 + (30 * 3 + 30)
     wide = make_trace(np.zeros((40, 2, 1), dtype=np.int32), num_experts=512)
-    assert routing_view.routing_view_height(wide) == 40 + 330 + 520 + 60 + 310
+    assert routing_view.routing_view_height(wide) == 40 + 330 + 520 + 24 + 60 + 310
 
 
 def test_byte_pieces_of_a_character_show_that_character(tiny_mixtral, tokenizer):

@@ -98,9 +98,10 @@ def payload_json(payload: dict) -> str:
 
 def routing_view_height(trace: RoutingTrace) -> int:
     """Pixels the view needs: controls, tokens (scrolling beyond 300 px), heatmap and load bars
-    (scrolling beyond 460 px), the path line and the pinned details (scrolling beyond 300 px)."""
+    (scrolling beyond 460 px), the overview strip, the path line and the pinned details
+    (scrolling beyond 300 px)."""
     charts_height = min(_ROW_PX * trace.num_experts + 100, 520)
-    return 40 + 330 + charts_height + 60 + min(30 * len(trace.layer_ids) + 30, 310)
+    return 40 + 330 + charts_height + 24 + 60 + min(30 * len(trace.layer_ids) + 30, 310)
 
 
 def routing_view_html(trace: RoutingTrace, layer_id: int | None = None, left_out=None,
@@ -158,8 +159,11 @@ h4{margin:4px 0;font-size:14px}
 <div id="tokens"></div>
 <div class="row">
   <div><h4 id="heat-title"></h4><canvas id="heat"></canvas><br>
+    <canvas id="overview" aria-label="The whole text: drag to move the heatmap window"></canvas><br>
     <input type="range" id="window" min="0" step="1" aria-label="Heatmap window" style="width:100%">
-    <div class="note" id="window-name"></div></div>
+    <div class="note"><span id="window-name"></span>
+      <button id="zoom-out" aria-label="Zoom out" title="More tokens, narrower">−</button>
+      <button id="zoom-in" aria-label="Zoom in" title="Fewer tokens, wider">+</button></div></div>
   <div><h4 id="load-title"></h4><div class="load" id="load"></div></div>
 </div>
 <div id="path" class="note">Hover a token for its path across layers; click to pin its details.</div>
@@ -175,9 +179,12 @@ function typed(a) {
 }
 const IDS = typed(D.topk_ids), W = typed(D.topk_weights), P = typed(D.router_probs);
 const T = D.tokens.length, L = D.layer_ids.length, K = D.top_k, E = D.num_experts;
-// The heatmap window: as many 12 px columns as fit beside the load bars, each token pickable.
-const CELL = 12, ROW = Math.max(2, Math.min(14, Math.floor(448 / E)));
-const WINDOW = Math.min(T, Math.max(16, Math.floor((document.documentElement.clientWidth - 60 - 330) / CELL)));
+// The heatmap window: as many columns of `cell` px as fit beside the load bars (12 px: each
+// token pickable); zoom changes the width, the overview strip below moves the window.
+const CELLS = [3, 4, 6, 8, 12, 16, 24], ROW = Math.max(2, Math.min(14, Math.floor(448 / E)));
+const WIDTH = Math.max(16 * 12, document.documentElement.clientWidth - 60 - 330);
+let cell = 12, windowSize = windowFor(cell);
+function windowFor(c) { return Math.min(T, Math.max(16, Math.floor(WIDTH / c))); }
 const first = (l, t) => IDS.array[(l * T + t) * K];
 const pick = (l, t, r) => IDS.array[(l * T + t) * K + r];
 const weight = (l, t, r) => W ? W.array[(l * T + t) * K + r] : null;
@@ -260,29 +267,56 @@ function showLayer(l, started) {
 function drawHeatmap() {
   const canvas = $("heat"), title = $("heat-title");
   title.textContent = (P ? "Router scores (" + D.score_name + ")" : "First choices") + " · " +
-    D.layer_labels[layer] + " · tokens " + windowStart + "–" + (windowStart + WINDOW - 1);
-  canvas.width = WINDOW * CELL + 60; canvas.height = E * ROW + 4;
+    D.layer_labels[layer] + " · tokens " + windowStart + "–" + (windowStart + windowSize - 1);
+  canvas.width = windowSize * cell + 60; canvas.height = E * ROW + 4;
   const g = canvas.getContext("2d");
   g.font = "11px sans-serif"; g.textBaseline = "middle";
   for (let e = 0; e < E; e++) { g.fillStyle = "#31333f"; g.fillText("e" + e, 2, e * ROW + ROW / 2); }
-  for (let c = 0; c < WINDOW; c++) {
+  for (let c = 0; c < windowSize; c++) {
     const t = windowStart + c;
     for (let e = 0; e < E; e++) {
       const v = P ? prob(layer, t, e) : (first(layer, t) === e ? 1 : 0);
       g.fillStyle = "rgba(31,119,180," + v.toFixed(3) + ")";
-      g.fillRect(60 + c * CELL, e * ROW, CELL - 1, ROW - 1);
+      g.fillRect(60 + c * cell, e * ROW, cell - 1, ROW - 1);
     }
     g.strokeStyle = "#000";
-    g.strokeRect(60 + c * CELL + 0.5, first(layer, t) * ROW + 0.5, CELL - 2, ROW - 2);
+    g.strokeRect(60 + c * cell + 0.5, first(layer, t) * ROW + 0.5, cell - 2, ROW - 2);
   }
-  if (hovered >= windowStart && hovered < windowStart + WINDOW) {
+  if (hovered >= windowStart && hovered < windowStart + windowSize) {
     g.strokeStyle = "#ff2b2b"; g.lineWidth = 2;
-    g.strokeRect(60 + (hovered - windowStart) * CELL, 1, CELL - 1, E * ROW);
-    g.strokeRect(60, first(layer, hovered) * ROW, WINDOW * CELL, ROW - 1);
+    g.strokeRect(60 + (hovered - windowStart) * cell, 1, cell - 1, E * ROW);
+    g.strokeRect(60, first(layer, hovered) * ROW, windowSize * cell, ROW - 1);
     g.lineWidth = 1;
   }
+  $("window").max = Math.max(0, T - windowSize);
   $("window").value = windowStart;
-  $("window-name").textContent = "Heatmap window over the whole text (" + T + " tokens): drag to move, or hover a token";
+  $("window-name").textContent = "Heatmap window over the whole text (" + T + " tokens): drag it or the strip above, " +
+    "or hover a token; zoom";
+  document.body.dataset.window = windowStart + "-" + (windowStart + windowSize - 1);
+  drawOverview();
+}
+
+function drawOverview() {
+  const canvas = $("overview"), width = windowSize * cell, per = width / T;
+  canvas.width = width + 60; canvas.height = 18;
+  const g = canvas.getContext("2d");
+  g.font = "11px sans-serif"; g.textBaseline = "middle"; g.fillStyle = "#31333f";
+  g.fillText("all " + T, 2, 9);
+  for (let t = 0; t < T; t++) { g.fillStyle = D.colors[first(layer, t)]; g.fillRect(60 + t * per, 3, Math.max(per, 1), 12); }
+  g.strokeStyle = "#000"; g.lineWidth = 2;
+  g.strokeRect(60 + windowStart * per, 1, Math.max(windowSize * per, 2), 16);
+}
+
+function centreWindowAt(t) {
+  windowStart = Math.max(0, Math.min(T - windowSize, Math.round(t - windowSize / 2)));
+  drawHeatmap();
+}
+
+function zoom(step) {
+  const centre = windowStart + windowSize / 2;
+  cell = CELLS[Math.max(0, Math.min(CELLS.length - 1, CELLS.indexOf(cell) + step))];
+  windowSize = windowFor(cell);
+  centreWindowAt(centre);
 }
 
 function chip(e, text) {
@@ -338,7 +372,7 @@ function hover(t) {
   hovered = t;
   if (t >= 0) {
     spans[t].classList.add("hover");
-    if (t < windowStart || t >= windowStart + WINDOW) windowStart = Math.max(0, Math.min(T - WINDOW, t - (WINDOW >> 1)));
+    if (t < windowStart || t >= windowStart + windowSize) windowStart = Math.max(0, Math.min(T - windowSize, t - (windowSize >> 1)));
   }
   drawHeatmap(); showPath();
 }
@@ -353,11 +387,17 @@ box.addEventListener("click", event => {
   hover(t); showDetails(); remember();
 });
 $("heat").addEventListener("mousemove", event => {
-  const c = Math.floor((event.offsetX - 60) / CELL);
-  if (c >= 0 && c < WINDOW) hover(windowStart + c);
+  const c = Math.floor((event.offsetX - 60) / cell);
+  if (c >= 0 && c < windowSize) hover(windowStart + c);
 });
-$("window").max = Math.max(0, T - WINDOW);
 $("window").addEventListener("input", event => { windowStart = +event.target.value; drawHeatmap(); });
+let brushing = false;
+const brush = event => centreWindowAt((event.offsetX - 60) / (windowSize * cell) * T);
+$("overview").addEventListener("mousedown", event => { brushing = true; brush(event); });
+$("overview").addEventListener("mousemove", event => { if (brushing) brush(event); });
+document.addEventListener("mouseup", () => { brushing = false; });
+$("zoom-in").addEventListener("click", () => zoom(1));
+$("zoom-out").addEventListener("click", () => zoom(-1));
 $("layer").max = L - 1;
 $("layer").addEventListener("input", event => showLayer(+event.target.value, event.timeStamp));
 document.addEventListener("keydown", event => {
