@@ -216,6 +216,32 @@ def test_routing_view_switches_layers_in_the_browser(tab, model):
     assert tab.finished == runs
 
 
+LINK_MARK = """key => {
+    const gd = document.querySelector(`.st-key-${key} .js-plotly-plot`);
+    const mark = gd.querySelector('.moeviz-link'), area = gd.querySelector('.nsewdrag').getBoundingClientRect();
+    const [r0, r1] = gd.layout.xaxis.range;
+    return {x: +mark.dataset.x, left: mark.getBoundingClientRect().left + 1,
+            expected: area.left + (+mark.dataset.x - r0) / (r1 - r0) * area.width};
+}"""
+
+
+def test_hovering_a_token_marks_its_column_and_first_choice_in_the_page_charts(tab, model):
+    """Linked views: a token hovered in the routing view is marked in the Plotly charts below,
+    at its column of the probability heatmap and at the bar of its first choice in the load
+    chart's layer (the charts' slider, here the first MoE layer), where each chart draws them."""
+    tab.open()
+    trace = expected_trace(model, presets()["english"])
+    runs = tab.finished
+    view = tab.routing_view()
+    for position in (7, 30):
+        view.locator("#tokens .tok").nth(position).hover()
+        heat = tab.page.evaluate(LINK_MARK, "probabilities")
+        assert heat["x"] == position and abs(heat["left"] - heat["expected"]) < 1.5, heat
+        load = tab.page.evaluate(LINK_MARK, "expert_load")
+        assert load["x"] == trace.first_choice[0, position] and abs(load["left"] - load["expected"]) < 1.5, load
+    assert tab.finished == runs  # no script run
+
+
 def test_overview_strip_moves_the_heatmap_window_and_zoom_resizes_it(tab, model):
     """The strip under the heatmap is the whole text: a click centres the window there, a drag
     follows the mouse, and zoom out shows more tokens, narrower, around the same centre."""

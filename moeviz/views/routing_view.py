@@ -166,7 +166,8 @@ h4{margin:4px 0;font-size:14px}
       <button id="zoom-in" aria-label="Zoom in" title="Fewer tokens, wider">+</button></div></div>
   <div><h4 id="load-title"></h4><div class="load" id="load"></div></div>
 </div>
-<div id="path" class="note">Hover a token for its path across layers; click to pin its details.</div>
+<div id="path" class="note">Hover a token for its path across layers (and its column and first choice in the
+  charts below); click to pin its details.</div>
 <div id="details"></div>
 <script>
 "use strict";
@@ -367,6 +368,39 @@ function showDetails() {
   }
 }
 
+// Linked charts: the page's Plotly charts of one layer (the Analyse page's "probabilities" heatmap
+// and "expert_load" bars, their layer in layout.meta) get a marker at the hovered token's column
+// and at its first choice's bar. They live in the app's page, which this same-origin frame reaches;
+// the marker is an overlay placed with the chart's own axis scale, so no chart is redrawn.
+const LINKED = {probabilities: (gd, t) => t, expert_load: (gd, t) => {
+  const index = D.layer_ids.indexOf(gd.layout.meta && gd.layout.meta.layer);
+  return index < 0 ? null : first(index, t);
+}};
+function linkCharts(t) {
+  let doc;
+  try { doc = window.parent.document; } catch (error) { return; }
+  for (const [key, valueOf] of Object.entries(LINKED)) {
+    const gd = doc.querySelector(".st-key-" + key + " .js-plotly-plot");
+    if (!gd || !gd._fullLayout || !gd._fullLayout.xaxis) continue;
+    let mark = gd.querySelector(":scope > .moeviz-link");
+    const value = t < 0 ? null : valueOf(gd, t);
+    if (value === null) { if (mark) mark.remove(); continue; }
+    if (!mark) {
+      mark = doc.createElement("div");
+      mark.className = "moeviz-link";
+      mark.style.cssText = "position:absolute;pointer-events:none;width:0;border-left:2px solid #ff2b2b;z-index:10";
+      if (getComputedStyle(gd).position === "static") gd.style.position = "relative";
+      gd.appendChild(mark);
+    }
+    const xa = gd._fullLayout.xaxis, ya = gd._fullLayout.yaxis;
+    mark.style.left = (xa._offset + xa.l2p(value) - 1) + "px";
+    mark.style.top = ya._offset + "px";
+    mark.style.height = ya._length + "px";
+    mark.dataset.token = t;
+    mark.dataset.x = value;
+  }
+}
+
 function hover(t) {
   if (hovered >= 0) spans[hovered].classList.remove("hover");
   hovered = t;
@@ -374,7 +408,7 @@ function hover(t) {
     spans[t].classList.add("hover");
     if (t < windowStart || t >= windowStart + windowSize) windowStart = Math.max(0, Math.min(T - windowSize, t - (windowSize >> 1)));
   }
-  drawHeatmap(); showPath();
+  drawHeatmap(); showPath(); linkCharts(t);
 }
 
 box.addEventListener("mouseover", event => { if (event.target.dataset.pos) hover(+event.target.dataset.pos); });
