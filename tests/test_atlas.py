@@ -234,7 +234,8 @@ def test_charts_plot_the_atlas_values():
     figure = atlas_charts.top_tokens_chart(card, 0.5)
     assert list(figure.data[0].x) == [0.5, 1.0, 1.0]
     table = charts.figure_table(figure)
-    assert table[table.series == "share of the token's occurrences"].token.tolist() == ["<s>", "b", "c"]
+    assert table.token.tolist() == ["<s>", "b", "c"] and "series" not in table  # the chance line is no series
+    assert (table["chance k/E"] == 0.5).all()
     srp = atlas_charts.segment_chart(result.segments, ["layer 0"], "srp")
     assert srp.data[0].y[:2] == (0.8, 0.7) and srp.data[-1].name == "chance"
     assert atlas_charts.expert_table(result.layers[0], 0.5)["load share"].tolist() == [0.375, 0.25, 0.25, 0.125]

@@ -439,6 +439,21 @@ def test_figure_table_of_load_and_layer_charts(trace):
     assert table[table.layer_label == "layer 2 (dense)"].load.isna().all()
 
 
+def test_figure_table_joins_chance_lines_as_columns_not_rows():
+    """A reference line is a column of its series' rows (issue 14, item 5): per series when each
+    has its own chance, shared when one grey line serves all."""
+    own = repeat_rate_chart([1, 2], {"first choice": [0.3, 0.2], "first or second": [0.6, 0.5]},
+                            {"first choice": [0.125, 0.125], "first or second": [0.46, 0.44]})
+    table = figure_table(own)
+    assert table.columns.tolist() == ["series", "layer", "repeat_rate", "chance"]
+    assert table.values.tolist() == [["first choice", 1, 0.3, 0.125], ["first choice", 2, 0.2, 0.125],
+                                     ["first or second", 1, 0.6, 0.46], ["first or second", 2, 0.5, 0.44]]
+    shared = repeat_rate_chart([1, 2], {"text 1": [0.3, 0.2], "text 2": [0.1, 0.4]},
+                               {"text 1": [0.25, 0.25], "text 2": [0.25, 0.25]})
+    table = figure_table(shared)
+    assert set(table.series) == {"text 1", "text 2"} and (table.chance == 0.25).all()
+
+
 def test_figure_table_of_coactivation_and_load_comparison():
     table = figure_table(coactivation_heatmap(np.array([[3, 1], [1, 2]])))
     assert table.columns.tolist() == ["expert", "with_expert", "tokens"]

@@ -18,7 +18,7 @@ _CHANCE_LINE = dict(color="#888888", width=1.5, dash="dash")
 
 def _chance_line(name: str, y: float, span: tuple[float, float]) -> go.Scatter:
     return go.Scatter(x=list(span), y=[y, y], mode="lines", name=f"{name} ({y:.3g})", line=_CHANCE_LINE,
-                      hovertemplate=f"{name} {y:.3f}<extra></extra>")
+                      hovertemplate=f"{name} {y:.3f}<extra></extra>", meta=dict(reference=name, value=y))
 
 
 def top_tokens_chart(card: ExpertCard, chance: float) -> go.Figure:
@@ -34,7 +34,8 @@ def top_tokens_chart(card: ExpertCard, chance: float) -> go.Figure:
                       "%{x:.1%} of its occurrences<extra></extra>",
     )
     fig = go.Figure([bars, go.Scatter(x=[chance, chance], y=[labels[0], labels[-1]] if labels else [],
-                                      mode="lines", name=f"chance k/E ({chance:.3g})", line=_CHANCE_LINE)])
+                                      mode="lines", name=f"chance k/E ({chance:.3g})", line=_CHANCE_LINE,
+                                      meta=dict(reference="chance k/E", value=chance))])
     fig.update_layout(
         title=dict(text=f"Expert {card.expert}: top tokens (vocabulary specialization, OLMoE Eq. 8)"),
         xaxis=dict(title=dict(text="share of the token's occurrences routed here"), range=[0, 1.02], tickformat=".0%"),
@@ -97,7 +98,7 @@ def segment_chart(segments: SegmentConsistency, layer_labels: list[str], metric:
                          name=token_label(label), hovertemplate="%{fullData.name}, n = %{x}: %{y:.3f}<extra></extra>")
               for i, label in enumerate(layer_labels)]
     traces.append(go.Scatter(x=lengths, y=[float(v) for v in chance], mode="lines", name="chance", line=_CHANCE_LINE,
-                             hovertemplate="chance, n = %{x}: %{y:.3f}<extra></extra>"))
+                             hovertemplate="chance, n = %{x}: %{y:.3f}<extra></extra>", meta=dict(reference="chance")))
     title = ("Segment routing best performance (SRP)" if metric == "srp"
              else f"Segment cache best hit rate (SCH), cache of {segments.cache_size} experts")
     fig = go.Figure(traces)

@@ -507,12 +507,12 @@ def repeat_rate_chart(
         raise ValueError(f"{len(layer_labels)} layer labels for {len(x)} layers {x}")
     hover_layers = [_plotly_escape(label) for label in layer_labels] if layer_labels else [f"layer {n}" for n in x]
 
-    def line(name, values, style, mode):
+    def line(name, values, style, mode, meta=None):
         values = np.asarray(values, dtype=float)
         if values.shape != (len(x),):
             raise ValueError(f"{name} has {values.size} values for {len(x)} layers {x}")
         return go.Scatter(x=x, y=values, mode=mode, name=token_label(name), line=style, customdata=hover_layers,
-                          hovertemplate="%{fullData.name}<br>%{customdata}: %{y:.1%}<extra></extra>")
+                          hovertemplate="%{fullData.name}<br>%{customdata}: %{y:.1%}<extra></extra>", meta=meta)
 
     chances = [np.asarray(chance[name], dtype=float) for name in rates]
     one_chance = len(rates) > 1 and all(c.shape == chances[0].shape and np.array_equal(c, chances[0]) for c in chances)
@@ -521,9 +521,10 @@ def repeat_rate_chart(
         color = _series_color(i)
         traces.append(line(name, rates[name], dict(color=color, width=2), "lines+markers"))
         if not one_chance:
-            traces.append(line(name + " (chance)", chance[name], dict(color=color, width=1.5, dash="dash"), "lines"))
+            traces.append(line(name + " (chance)", chance[name], dict(color=color, width=1.5, dash="dash"), "lines",
+                               meta=dict(reference="chance", of=token_label(name))))
     if one_chance:
-        traces.append(line("chance", chances[0], _UNIFORM_LINE, "lines"))
+        traces.append(line("chance", chances[0], _UNIFORM_LINE, "lines", meta=dict(reference="chance")))
     xaxis = dict(title=dict(text="layer"))
     if len(x) <= _ALL_TICKS_UP_TO:
         xaxis.update(tickmode="array", tickvals=x)  # true layer numbers, gaps where layers are dense
@@ -676,16 +677,21 @@ def figure_table(fig: go.Figure) -> pd.DataFrame:
 
     Columns are named from the data: a trace's `meta["columns"]` ({"x": "position", ...}), else
     its axis (or colour bar) title, then any named customdata (token, choice, weight); ids are
-    integers. Helper traces (`meta["helper"]`, e.g. the uniform-load line) are left out, and a
+    integers. Helper traces (`meta["helper"]`, e.g. the uniform-load line) are left out; a
+    reference line (`meta["reference"]`, e.g. chance) is a column of its series' rows; and a
     "series" column names the traces when there are several. A figure whose `layout.meta` holds
     "layer"/"layer_label" gets those columns; one holding "tokens" (the trace's raw token texts)
     gets its token column in raw text, not display glyphs. A Sankey gives source, target, value.
     """
-    frames = [_trace_table(fig, trace) for trace in fig.data if not _meta(trace).get("helper")]
+    shown = [trace for trace in fig.data if not _meta(trace).get("helper")]
+    series = [trace for trace in shown if not _meta(trace).get("reference")]
+    frames = [_trace_table(fig, trace) for trace in series]
     if not frames:
         return pd.DataFrame()
+    for frame, trace in zip(frames, series):
+        _join_references(fig, frame, trace, [t for t in shown if _meta(t).get("reference")])
     if len(frames) > 1 and "source" not in frames[0]:
-        for frame, trace in zip(frames, (t for t in fig.data if not _meta(t).get("helper"))):
+        for frame, trace in zip(frames, series):
             frame.insert(0, "series", _plain_text(trace.name or trace.type))
     table = pd.concat(frames, ignore_index=True)
     figure = fig.layout.meta if isinstance(fig.layout.meta, dict) else {}
@@ -697,6 +703,22 @@ def figure_table(fig: go.Figure) -> pd.DataFrame:
             table.insert(0, name, figure[name])
     # Nullable integers stay whole where other traces leave gaps (choice 1, not 1.0).
     return table.astype({c: "Int64" for c in table if c in ID_COLUMNS and _integral(table[c])})
+
+
+def _join_references(fig: go.Figure, frame: pd.DataFrame, trace, references: list) -> None:
+    """A reference line (`meta["reference"]`: its column name, e.g. "chance"; `meta["of"]`: the
+    series it belongs to, else every series) becomes a column of its series' rows, matched by x,
+    or one constant (`meta["value"]`) for a level drawn across the chart."""
+    x = _column_names(fig, trace)["x"]
+    for reference in references:
+        meta = _meta(reference)
+        if meta.get("of", trace.name) != trace.name:
+            continue
+        if "value" in meta:
+            frame[meta["reference"]] = float(meta["value"])
+            continue
+        values = dict(zip(list(reference.x), (float(v) for v in reference.y)))
+        frame[meta["reference"]] = frame[x].map(values)
 
 
 def _meta(trace) -> dict:
