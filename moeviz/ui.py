@@ -36,7 +36,7 @@ from moeviz.model.loading import (
     load_model,
 )
 from moeviz.model.planning import STORAGE_NAMES, MemoryPlan, format_bytes
-from moeviz.model.queue import FairQueue
+from moeviz.model.queue import FairQueue, add_interrupt_points, interruptible
 from moeviz.model.tokens import context_length
 from moeviz.session_cache import session_cached
 from moeviz.team import read_settings
@@ -99,7 +99,9 @@ def cached_model(source: str, device: str, dtype: str, quantization: str = "auto
 
     try:
         plan = cached_estimate(source, device, dtype) if quantization == "auto" else None
-        return load_model(source, device=device, dtype=dtype, quantization=quantization, plan=plan, progress=progress)
+        loaded = load_model(source, device=device, dtype=dtype, quantization=quantization, plan=plan, progress=progress)
+        add_interrupt_points(loaded.model)  # a closed tab's pass stops at the next layer (model_turn)
+        return loaded
     finally:
         bar.empty()
 
@@ -127,7 +129,8 @@ def model_turn(choice: ModelChoice) -> Iterator[None]:
     """This session's turn on the model: forward passes from all sessions run one at a time
     ($MOEVIZ_CONCURRENCY at a time in team mode), first come first served. While waiting, the
     page shows its place and a "Leave the queue" button; that button, a rerun or a closed tab
-    leaves the queue."""
+    leaves the queue, and a rerun or a closed tab during the forward pass stops it at the next
+    MoE layer, freeing the model."""
     if st.session_state.pop(QUEUE_LEFT, False):
         raise LeftQueue("You left the queue for the model, so this page stopped before running it. Change the "
                         "input, or press R to run the page again, to join the queue again.")
@@ -142,12 +145,13 @@ def model_turn(choice: ModelChoice) -> Iterator[None]:
             leave.button("Leave the queue", key=f"leave_queue-{next(_leave_keys)}", on_click=_leave_queue)
             shown_button = True
 
+    yield_check = get_run_yield_check()
     try:
-        with cached_queue(choice.source, choice.device, choice.dtype, choice.quantization).turn(
-                show_place, get_run_yield_check()):
+        with cached_queue(choice.source, choice.device, choice.dtype, choice.quantization).turn(show_place, yield_check):
             notice.empty()
             leave.empty()
-            yield
+            with interruptible(yield_check):  # a rerun or a closed tab stops the pass between layers
+                yield
     finally:
         notice.empty()
         leave.empty()

@@ -132,3 +132,36 @@ def test_an_error_in_the_body_frees_the_slot():
 def test_needs_a_slot():
     with pytest.raises(ValueError, match="at least one slot"):
         FairQueue(slots=0)
+
+
+# -- a turn that ends mid-forward ------------------------------------------------------------------
+
+
+class SessionClosed(Exception):
+    """Stands for Streamlit's StopException, raised by a script's yield check once its tab closed."""
+
+
+def test_a_check_that_raises_stops_the_forward_at_the_next_moe_layer_and_frees_the_model(tiny_mixtral, tokenizer):
+    from moeviz.model.capture import trace_text
+    from moeviz.model.queue import add_interrupt_points, interruptible
+
+    text = "The quick brown fox jumps over the lazy dog."
+    plain = trace_text(tiny_mixtral, tokenizer, text)
+    add_interrupt_points(tiny_mixtral)
+    add_interrupt_points(tiny_mixtral)  # once per model, however often it is called
+    checks = []
+
+    def closed_after_the_first_layer():
+        checks.append(len(checks))
+        if len(checks) == 2:
+            raise SessionClosed
+
+    queue = FairQueue(slots=1, poll_seconds=0.01)
+    with pytest.raises(SessionClosed), queue.turn(), interruptible(closed_after_the_first_layer):
+        trace_text(tiny_mixtral, tokenizer, text)
+    assert checks == [0, 1]  # before MoE layer 0, then stopped before layer 1 of 3
+    with queue.turn():  # the slot is free
+        again = trace_text(tiny_mixtral, tokenizer, text)  # no check outside the block
+    assert checks == [0, 1] and queue.waiting == 0
+    for name in ("topk_ids", "topk_weights", "router_logits"):
+        assert (getattr(again, name) == getattr(plain, name)).all()  # the model is unharmed

@@ -6,6 +6,10 @@ one GPU (N times the activation memory, all of them slow). `FairQueue.turn()` ha
 in arrival order and lets at most `slots` holders run; a waiter can be told its place, and
 leaves the queue when its `yield_check` raises (Streamlit raises there when the session reruns
 or closes), so a closed tab never holds a place.
+
+A turn can also end mid-forward: a model prepared with `add_interrupt_points` calls the check
+set by `interruptible` before each MoE block, so a pass whose session closed stops at the next
+layer and frees the model instead of finishing a result nobody will see.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 
 class FairQueue:
@@ -81,3 +86,41 @@ class FairQueue:
             if on_place is not None and place != told:
                 on_place(place)
             told = place
+
+
+# -- stopping a forward pass between layers ------------------------------------------------------
+
+_interrupt_check: ContextVar[Callable[[], None] | None] = ContextVar("moeviz_interrupt_check", default=None)
+
+
+@contextmanager
+def interruptible(check: Callable[[], None] | None) -> Iterator[None]:
+    """Forward passes run in this block, in this thread, call `check()` before each MoE block of
+    a model prepared with `add_interrupt_points`; whatever it raises stops the pass there."""
+    token = _interrupt_check.set(check)
+    try:
+        yield
+    finally:
+        _interrupt_check.reset(token)
+
+
+def add_interrupt_points(model) -> None:
+    """Once per model: a pre-hook on every MoE block that runs the current `interruptible` check
+    (none outside such a block, so other callers' passes are untouched)."""
+    from moeviz.model.capture import NoRoutersError, find_routers
+
+    if getattr(model, "_moeviz_interrupt_points", False):
+        return
+    try:
+        sites = find_routers(model)
+    except NoRoutersError:
+        return
+    for site in sites:
+        site.block.register_forward_pre_hook(_run_interrupt_check)
+    model._moeviz_interrupt_points = True
+
+
+def _run_interrupt_check(module, args) -> None:
+    check = _interrupt_check.get()
+    if check is not None:
+        check()
