@@ -59,6 +59,9 @@ def oidc_provider() -> str | None | bool:
 
 def _oidc_signed_in(provider: str | None) -> bool:
     if st.user.is_logged_in:
+        who = st.user.get("email") or st.user.get("name") or "a signed-in user"
+        st.sidebar.text(f"Signed in as {who}")  # plain text: a name cannot format the page
+        st.sidebar.button("Sign out", on_click=st.logout, key="team_oidc_logout")
         return True
     st.title("moeviz")
     st.write("This moeviz server is shared by a team: sign in to use it.")

@@ -43,10 +43,10 @@ class AppFailed(RuntimeError):
 
 
 @contextmanager
-def running_app(log_path: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`streamlit run app.py` on a free localhost port; yields its URL once it answers
+def running_app(log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
+    """`streamlit run app.py` on localhost (`port`, or a free one); yields its URL once it answers
     `/_stcore/health`, and stops it afterwards. Its output goes to `log_path`."""
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                "--server.address", "127.0.0.1", "--server.headless", "true",

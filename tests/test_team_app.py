@@ -107,6 +107,8 @@ def test_with_oidc_configured_sign_in_goes_to_the_provider(team):
     app.user = {"is_logged_in": True, "email": "a@lab.org"}
     app.run()
     assert not app.exception and app.sidebar.selectbox(key="model_name").options == ["bundled"]
+    assert [t.value for t in app.sidebar.text] == ["Signed in as a@lab.org"]
+    assert [b.label for b in app.sidebar.button] == ["Sign out"]
 
 
 def test_a_page_waits_for_its_turn_on_the_model():
