@@ -4,6 +4,7 @@ architecture untrained, held-out loss, expert balance, specialisation, and the r
 (adjacent same first choice, most-used expert's first-choice share) per layer and sample.
 
 Usage: python scripts/measure_bundled.py mixtral     (or deepseek)
+       python scripts/measure_bundled.py mixtral --folder RUN   (a training run's output before it ships)
 """
 
 import argparse
@@ -40,7 +41,9 @@ def heldout_loss(model, tokenizer, window: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arch", choices=list(measure.MODEL_DIRS))
-    folder = measure.MODEL_DIRS[parser.parse_args().arch]
+    parser.add_argument("--folder", type=Path, help="measure this model folder instead of the bundled one")
+    args = parser.parse_args()
+    folder = args.folder or measure.MODEL_DIRS[args.arch]
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
