@@ -101,7 +101,7 @@ def test_hostile_files_are_refused_without_unpickling_or_inflating(tmp_path, mon
 
 
 # The bundled models trained by the current scripts/train_bundled.py, which keeps their history.
-WITH_HISTORY = ["moeviz DeepSeek-style (bundled)"]
+WITH_HISTORY = ["moeviz Mixtral-style (bundled)", "moeviz DeepSeek-style (bundled)"]
 
 
 def test_the_bundled_models_with_a_history():
