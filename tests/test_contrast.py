@@ -133,9 +133,12 @@ def model():
     return load_model(default_model_source())
 
 
-def page_traces(model, names):
-    return [trace_text(model.model, model.tokenizer, presets()[n], model_id=model.model_id, max_tokens=limit(model))
-            for n in names]
+def page_traces(model, names, max_tokens=None):
+    return [trace_text(model.model, model.tokenizer, presets()[n], model_id=model.model_id,
+                       max_tokens=max_tokens or limit(model)) for n in names]
+
+
+CUT_AT = 512  # a sidebar token limit below the longer presets, so that some texts are cut
 
 
 def figures(app) -> dict:
@@ -143,12 +146,12 @@ def figures(app) -> dict:
 
 
 def test_page_ranks_experts_and_one_click_ablation_equals_intervene(model):
-    app = run_page(PAGE)
+    app = run_page(PAGE, **{f"max_tokens-{limit(model)}": CUT_AT})  # the sidebar's token limit
     names_a, names_b = ["python", "c"], ["english", "german"]
-    traces = page_traces(model, names_a), page_traces(model, names_b)
+    traces = page_traces(model, names_a, CUT_AT), page_traces(model, names_b, CUT_AT)
     expected = contrast.contrast(*traces)
     cut = sum(trace.truncated for trace in [*traces[0], *traces[1]])
-    assert cut and any(c.value.startswith(f"{cut} texts cut at the token limit (512 tokens") for c in app.caption)
+    assert cut and any(c.value.startswith(f"{cut} texts cut at the token limit ({CUT_AT} tokens") for c in app.caption)
     shown = figures(app)
     heatmap = next(f for title, f in shown.items() if title.startswith("How much more often set A"))
     np.testing.assert_allclose(values(heatmap.data[0].z).reshape(expected.risk_difference.shape), expected.risk_difference, atol=1e-12)
@@ -165,7 +168,7 @@ def test_page_ranks_experts_and_one_click_ablation_equals_intervene(model):
     assert app.subheader[-1].value == Intervention(ablate=ablate).describe()
     metrics = {m.label: m.value for m in app.metric}
     for label, names in (("Set A", names_a), ("Set B", names_b)):
-        results = [moeviz.intervene(model, presets()[n], ablate=ablate, max_tokens=limit(model)) for n in names]
+        results = [moeviz.intervene(model, presets()[n], ablate=ablate, max_tokens=CUT_AT) for n in names]
         effect = contrast.set_effect([r.baseline_logprobs for r in results], [r.changed_logprobs for r in results])
         assert metrics[f"{label}: mean Δ log p of the next token"] == f"{effect.mean_delta_logprob:+.4f}"
         assert metrics[f"{label}: perplexity"] == f"{effect.perplexity_after:.3f}"
