@@ -139,9 +139,9 @@ else:
                     st.subheader("Greedy continuation")
                     left, right = st.columns(2)
                     left.caption("before")
-                    left.code(result.baseline_continuation, language=None)
+                    left.code(intervention_charts.shown_continuation(result.baseline_continuation), language=None)
                     right.caption("after")
-                    right.code(result.changed_continuation, language=None)
+                    right.code(intervention_charts.shown_continuation(result.changed_continuation), language=None)
                 st.subheader("Routing downstream")
                 labels = [trace.layer_label(n) for n in trace.layer_ids]
                 acting = labels if options["policy"] and options["policy_everywhere"] else [trace.layer_label(layer)]

@@ -55,7 +55,8 @@ def test_page_shows_the_intervention_result(expected):
     table = app.table[0].value
     assert table["before: token"].tolist() == [repr(t) for t in expected.baseline_predictions.top_tokens[position]]
     assert table["after: p"].tolist() == [f"{p:.3f}" for p in np.exp(expected.changed_predictions.top_logprobs[position])]
-    assert [c.value for c in app.code] == [expected.baseline_continuation, expected.changed_continuation]
+    assert [c.value for c in app.code] == [intervention_charts.shown_continuation(c) for c in (
+        expected.baseline_continuation, expected.changed_continuation)]
 
     html = next(e.proto.body for e in app.get("html") if "data-delta" in e.proto.body)
     np.testing.assert_allclose([float(d) for d in re.findall(r'data-delta="([-\d.]+)"', html)], delta, atol=1e-6)
@@ -99,7 +100,8 @@ def test_a_routing_policy_runs_in_the_forward_pass():
     assert app.subheader[0].value == "hash (random) at every MoE layer"
     shown = {m.label: m.value for m in app.metric}
     assert shown["Perplexity after"] == f"{effects.perplexity(expected.changed_logprobs):.3f}"
-    assert [c.value for c in app.code] == [expected.baseline_continuation, expected.changed_continuation]
+    assert [c.value for c in app.code] == [intervention_charts.shown_continuation(c) for c in (
+        expected.baseline_continuation, expected.changed_continuation)]
     figures = {pio.from_json(e.proto.spec).layout.title.text: pio.from_json(e.proto.spec) for e in app.get("plotly_chart")}
     routing = figures["Tokens whose experts changed (orange: where the intervention acts)"].data[0]
     np.testing.assert_allclose(values(routing.y), effects.experts_changed(expected.baseline, expected.changed))
@@ -118,6 +120,11 @@ def test_delta_token_view_escapes_and_colours_by_sign():
     assert "rgba(33,102,172,0.375)" in html and "rgba(178,24,43,0.750)" in html  # half and full strength
     with pytest.raises(ValueError, match="one log-probability per predicted token, 3 for 4 tokens"):
         intervention_charts.delta_token_view_html(tokens, [0.0], [0.0])
+
+
+def test_continuations_show_their_newlines():
+    assert intervention_charts.shown_continuation("\n\nab\n") == "↵\n↵\nab↵"
+    assert intervention_charts.shown_continuation("no newline") == "no newline"
 
 
 def test_charts_and_table_values():

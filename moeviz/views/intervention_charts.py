@@ -99,6 +99,13 @@ def experts_changed_chart(layer_labels: list[str], shares: ArrayLike, intervened
     return fig
 
 
+def shown_continuation(text: str) -> str:
+    """A generated continuation as the page shows it (in a code block): every newline marked
+    ↵, so that a text of newlines is not an empty box; no newline last, which a code block drops
+    (it also drops a first one)."""
+    return text.replace("\n", "↵\n").removesuffix("\n")
+
+
 def top_predictions_table(before: tuple[list[str], ArrayLike], after: tuple[list[str], ArrayLike]) -> pd.DataFrame:
     """The likeliest next tokens at one position, before and after, with their probabilities;
     each side given as (token strings, log-probabilities), best first. Tokens are shown as
