@@ -8,8 +8,10 @@ the result. Every tab gets texts of its own length, so a session shown another's
 show a wrong token count: each count is checked against `trace_text` run in this process.
 Recorded: p50/p95 of the time from Ctrl+Enter to the page settled, errors, and the server's
 resident memory (VmRSS) after sign-in (warm: the model loaded, one text traced per tab), at the
-end of the rounds, and after the tabs close and the cache's sweeper (every 5 s here) has dropped
-their traces: it must come back within 10% of the warm figure.
+end of the rounds, 15 s after the tabs close, and once their sessions have ended (Streamlit keeps a
+closed tab's session for `--session-ttl` seconds, `server.disconnectedSessionTTL`, 120 by
+default) and the cache's sweeper (every 5 s here) has dropped their traces: it must then be
+back within 10% of the warm figure.
 
 Bounded: at most 32 sessions and 600 s; loopback only.
 
@@ -73,6 +75,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--session-ttl", type=int, default=120,
+                        help="seconds Streamlit keeps a closed tab's session (server.disconnectedSessionTTL)")
     args = parser.parse_args()
     if not 1 <= args.sessions <= MAX_SESSIONS or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--sessions must be 1-{MAX_SESSIONS} and --seconds at most {MAX_SECONDS}")
@@ -82,7 +86,9 @@ def main() -> int:
     env = os.environ | {"MOEVIZ_TEAM": "1", "MOEVIZ_ACCESS_TOKEN": TOKEN, "MOEVIZ_MODELS": f"bundled={BUNDLED_MODEL}",
                         "MOEVIZ_CACHE_SWEEP_SECONDS": str(SWEEP_SECONDS)}
     latencies, errors, wrong, rss = [], [], 0, {}
-    with tempfile.TemporaryDirectory() as scratch, running_app(Path(scratch) / "server.log", env) as url:
+    with tempfile.TemporaryDirectory() as scratch, running_app(Path(scratch) / "server.log", env,
+                                                                   options=("--server.disconnectedSessionTTL",
+                                                                            str(args.session_ttl))) as url:
         port = url.rsplit(":", 1)[1]
         with chromium(Path(scratch) / "profile") as browser:
             tabs = [AppPage(browser.new_page(), url) for _ in range(args.sessions)]
@@ -114,6 +120,8 @@ def main() -> int:
                 tab.page.close()
         time.sleep(3 * SWEEP_SECONDS)
         rss[f"{3 * SWEEP_SECONDS} s after the tabs closed"] = server_rss(port)
+        time.sleep(args.session_ttl)  # then 3 sweeps after the sessions' end
+        rss[f"{args.session_ttl + 3 * SWEEP_SECONDS} s after (the sessions ended)"] = server_rss(port)
     actions = len(latencies)
     print(f"{args.sessions} sessions, {round_} rounds, {actions} page runs in {args.seconds:.0f} s; "
           f"errors {len(errors)}; wrong token counts {wrong}")

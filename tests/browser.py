@@ -43,15 +43,17 @@ class AppFailed(RuntimeError):
 
 
 @contextmanager
-def running_app(log_path: Path, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
-    """`streamlit run app.py` on localhost (`port`, or a free one); yields its URL once it answers
+def running_app(log_path: Path, env: dict[str, str] | None = None, port: int | None = None,
+                options: tuple[str, ...] = ()) -> Iterator[str]:
+    """`streamlit run app.py` on localhost (`port`, or a free one) with Streamlit `options`
+    (e.g. "--server.disconnectedSessionTTL", "5"); yields its URL once it answers
     `/_stcore/health`, and stops it afterwards. Its output goes to `log_path`."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
                "--server.address", "127.0.0.1", "--server.headless", "true",
                # No file watcher: its inotify queue overflows on a busy machine, and nothing changes.
-               "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"]
+               "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false", *options]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=ROOT, env=(env or os.environ) | {"HF_HUB_OFFLINE": "1"},

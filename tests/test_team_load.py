@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_concurrent_team_sessions_each_see_their_own_text():
-    done = subprocess.run([sys.executable, "benchmarks/team_load.py", "--sessions", "3", "--seconds", "5"],
+    done = subprocess.run([sys.executable, "benchmarks/team_load.py", "--sessions", "3", "--seconds", "5", "--session-ttl", "5"],
                           cwd=ROOT, env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
