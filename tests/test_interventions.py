@@ -380,18 +380,11 @@ POLICY_REFUSED = {
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_runs_each_policy_or_says_why_not(name, policy, tokenizer):
-    model = build(name)
-    baseline = trace_text(model, tokenizer, TEXT)
-    index = len(baseline.layer_ids) - 1
-    layer = baseline.layer_ids[index]
+    model, baseline, index, layer = at_last_moe_layer(name, tokenizer)
     intervention = Intervention(policy={layer: RoutingPolicy(policy, update_speed=0.05, chunk_size=2)})
-    if (name, policy) in POLICY_REFUSED:
-        with pytest.raises(InterventionRefused, match=rf"{model.config.model_type}.*{POLICY_REFUSED[name, policy]}"):
-            run_intervention(model, tokenizer, TEXT, intervention)
+    changed = run_or_refused(model, tokenizer, intervention, POLICY_REFUSED.get((name, policy)))
+    if changed is None:
         return
-    with intervening(model, intervention):
-        changed, received = traced_with_experts_inputs(model, tokenizer)
-    assert_experts_received_the_trace(model, changed, received)
     ids, weights = changed.topk_ids[index], changed.topk_weights[index]
     used = weights > 0
     if policy == "expert choice":
@@ -457,18 +450,11 @@ def interventions_for(model, layer: int, baseline, index: int) -> dict[str, Inte
 @pytest.mark.parametrize("kind", ["ablate", "force", "top_k", "bias", "capacity"])
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_every_family_does_each_intervention_or_says_why_not(name, kind, tokenizer):
-    model = build(name)
-    baseline = trace_text(model, tokenizer, TEXT)
-    index = len(baseline.layer_ids) - 1  # the last MoE layer (Switch: its last decoder layer)
-    layer = baseline.layer_ids[index]
+    model, baseline, index, layer = at_last_moe_layer(name, tokenizer)
     intervention = interventions_for(model, layer, baseline, index)[kind]
-    if (name, kind) in REFUSED:
-        with pytest.raises(InterventionRefused, match=rf"{model.config.model_type}.*{REFUSED[name, kind]}"):
-            run_intervention(model, tokenizer, TEXT, intervention)
+    changed = run_or_refused(model, tokenizer, intervention, REFUSED.get((name, kind)))
+    if changed is None:
         return
-    with intervening(model, intervention):
-        changed, received = traced_with_experts_inputs(model, tokenizer)
-    assert_experts_received_the_trace(model, changed, received)
     ids, weights = changed.topk_ids[index], changed.topk_weights[index]
     used = weights > 0
     if kind == "ablate":
@@ -493,6 +479,29 @@ def test_every_family_does_each_intervention_or_says_why_not(name, kind, tokeniz
         assert (~used).any() == over  # tokens are turned away exactly when an expert had more than C
     if kind != "top_k":  # the others change only the last MoE layer
         np.testing.assert_array_equal(changed.topk_ids[:index], baseline.topk_ids[:index])
+
+
+def at_last_moe_layer(name: str, tokenizer):
+    """(tiny model of family `name`, its plain trace of TEXT, index and number of its last MoE
+    layer (Switch: its last decoder layer))."""
+    model = build(name)
+    baseline = trace_text(model, tokenizer, TEXT)
+    index = len(baseline.layer_ids) - 1
+    return model, baseline, index, baseline.layer_ids[index]
+
+
+def run_or_refused(model, tokenizer, intervention: Intervention, refusal: str | None):
+    """The trace of TEXT with `intervention`, after checking that each experts module received
+    exactly that routing; or, when `refusal` says why the family cannot do it, None after
+    checking that it is refused with that reason and the model type named."""
+    if refusal is not None:
+        with pytest.raises(InterventionRefused, match=rf"{model.config.model_type}.*{refusal}"):
+            run_intervention(model, tokenizer, TEXT, intervention)
+        return None
+    with intervening(model, intervention):
+        changed, received = traced_with_experts_inputs(model, tokenizer)
+    assert_experts_received_the_trace(model, changed, received)
+    return changed
 
 
 def assert_experts_received_the_trace(model, trace, received):
