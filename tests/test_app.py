@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import re
 from pathlib import Path
+from urllib.parse import SplitResult, urlsplit
 
 import numpy as np
 import pytest
@@ -123,6 +125,19 @@ def test_analyse_page_ships_every_layer_to_the_routing_view(model):
     np.testing.assert_array_equal(read_typed_array(data["topk_ids"]), trace.topk_ids)
     np.testing.assert_allclose(read_typed_array(data["router_probs"]), trace.router_probs, atol=1e-5)
     assert data["left_out"] == trace.special.tolist()  # BOS grey: the statistics leave it out
+
+
+def test_the_routing_view_is_not_kept_once_the_page_has_drawn_it():
+    """Issue 18: `st.iframe` asks `urlparse` whether the view's HTML is a URL, and `urlsplit`
+    caches the last 128 strings it split, with their parts: a server kept every routing view
+    it drew. After the Analyse page ran, no split of its HTML is alive."""
+    urlsplit.cache_clear()
+    app = run_page()
+    [view] = app.get("iframe")
+    assert len(view.proto.srcdoc) > 10_000  # the whole view, with every layer's data
+    gc.collect()
+    kept = [split for split in gc.get_objects() if isinstance(split, SplitResult) and max(map(len, split)) > 10_000]
+    assert kept == []
 
 
 def test_leaving_the_queue_stops_the_page_and_the_next_run_queues_again():
