@@ -7,6 +7,8 @@ through the bundled model a few kB. `ByteBoundedCache` bounds the bytes instead:
   (`MOEVIZ_SESSION_CACHE_MB`, default 256), evicting the least recently used first;
 - a session's entries go when the session ends (its browser tab closed; checked every
   `MOEVIZ_CACHE_SWEEP_SECONDS`, default 30), and entries unused for `IDLE_SECONDS` go too;
+  the same sweeps end closed tabs' Streamlit sessions once they can no longer reconnect
+  (`moeviz.session_storage`);
 - memory freed is handed back to the operating system (glibc's `malloc_trim`), so the server's
   resident memory comes back down after its users leave.
 Entries are shared: a text another session already traced on the same model is not traced
@@ -28,6 +30,8 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import numpy as np
+
+from moeviz import session_storage
 
 MB = 1 << 20
 SWEEP_SECONDS = 30.0
@@ -210,8 +214,10 @@ def app_cache() -> ByteBoundedCache:
 def _sweep_forever(cache: ByteBoundedCache) -> None:
     seconds = float(os.environ.get("MOEVIZ_CACHE_SWEEP_SECONDS", "").strip() or SWEEP_SECONDS)
     while True:
+        session_storage.install()  # closed tabs' sessions end when they can no longer reconnect
         time.sleep(max(seconds, 1.0))
-        if cache.sweep():
+        freed, ended = cache.sweep(), session_storage.end_expired_sessions()
+        if freed or ended:
             release_memory()
 
 
