@@ -21,6 +21,7 @@ import ctypes
 import dataclasses
 import functools
 import gc
+import logging
 import os
 import sys
 import threading
@@ -214,11 +215,15 @@ def app_cache() -> ByteBoundedCache:
 def _sweep_forever(cache: ByteBoundedCache) -> None:
     seconds = float(os.environ.get("MOEVIZ_CACHE_SWEEP_SECONDS", "").strip() or SWEEP_SECONDS)
     while True:
-        session_storage.install()  # closed tabs' sessions end when they can no longer reconnect
-        time.sleep(max(seconds, 1.0))
-        freed, ended = cache.sweep(), session_storage.end_expired_sessions()
-        if freed or ended:
-            release_memory()
+        try:
+            session_storage.install()  # closed tabs' sessions end when they can no longer reconnect
+            time.sleep(max(seconds, 1.0))
+            freed, ended = cache.sweep(), session_storage.end_expired_sessions()
+            if freed or ended:
+                release_memory()
+        except Exception:  # noqa: BLE001 - a sweeper that died would leave memory unbounded
+            logging.getLogger(__name__).exception("sweeping the app's cache and ended sessions failed; retrying")
+            time.sleep(max(seconds, 1.0))
 
 
 def session_cached(spinner: str) -> Callable:

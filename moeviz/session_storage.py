@@ -87,7 +87,8 @@ def install() -> EndingSessionStorage | None:
 
     if not Runtime.exists():
         return None
-    manager = Runtime.instance()._session_mgr  # private: Streamlit offers no option for the storage
+    # Private: Streamlit offers no option for the storage. (AppTest's runtime is a mock without it.)
+    manager = getattr(Runtime.instance(), "_session_mgr", None)
     storage_lock = getattr(manager, "_storage_lock", None)
     with _install_lock:
         storage = getattr(manager, "_session_storage", None)

@@ -10,8 +10,9 @@ from streamlit.runtime.memory_session_storage import MemorySessionStorage
 from streamlit.runtime.runtime import Runtime
 from streamlit.runtime.session_manager import SessionInfo, SessionStorage
 from streamlit.runtime.websocket_session_manager import WebsocketSessionManager
+from streamlit.testing.v1 import AppTest
 
-from moeviz.session_storage import EndingSessionStorage
+from moeviz.session_storage import EndingSessionStorage, end_expired_sessions, install
 
 TESTS = Path(__file__).resolve().parent
 
@@ -107,6 +108,23 @@ def test_it_is_a_streamlit_session_storage_and_replaces_the_one_this_streamlit_u
     assert isinstance(manager._session_storage, MemorySessionStorage)
     assert hasattr(manager, "_storage_lock")
     assert "_session_mgr" in Runtime.__init__.__code__.co_names
+
+
+def test_outside_a_real_server_nothing_is_installed_and_nothing_fails():
+    """Under AppTest (whose runtime is a mock) the cache's sweeper calls these too: they must
+    leave it running, not raise."""
+
+    def page():
+        import streamlit as st
+
+        from moeviz.session_storage import end_expired_sessions, install
+
+        st.write(f"installed: {install()}; ended: {end_expired_sessions()}")
+
+    app = AppTest.from_function(page).run()
+    assert not app.exception
+    assert [m.value for m in app.markdown] == ["installed: None; ended: 0"]
+    assert install() is None and end_expired_sessions() == 0  # no runtime at all
 
 
 @pytest.mark.e2e
