@@ -136,7 +136,7 @@ def test_the_routing_view_is_not_kept_once_the_page_has_drawn_it():
     [view] = app.get("iframe")
     assert len(view.proto.srcdoc) > 10_000  # the whole view, with every layer's data
     gc.collect()
-    kept = [split for split in gc.get_objects() if isinstance(split, SplitResult) and max(map(len, split)) > 10_000]
+    kept = [split for split in gc.get_objects() if type(split) is SplitResult and max(map(len, split)) > 10_000]
     assert kept == []
 
 
