@@ -216,14 +216,17 @@ def _sweep_forever(cache: ByteBoundedCache) -> None:
     seconds = float(os.environ.get("MOEVIZ_CACHE_SWEEP_SECONDS", "").strip() or SWEEP_SECONDS)
     while True:
         try:
-            session_storage.install()  # closed tabs' sessions end when they can no longer reconnect
-            time.sleep(max(seconds, 1.0))
-            freed, ended = cache.sweep(), session_storage.end_expired_sessions()
-            if freed or ended:
-                release_memory()
+            _sweep_once(cache)
         except Exception:  # noqa: BLE001 - a sweeper that died would leave memory unbounded
             logging.getLogger(__name__).exception("sweeping the app's cache and ended sessions failed; retrying")
-            time.sleep(max(seconds, 1.0))
+        time.sleep(max(seconds, 1.0))
+
+
+def _sweep_once(cache: ByteBoundedCache) -> None:
+    session_storage.install()  # closed tabs' sessions end when they can no longer reconnect
+    freed, ended = cache.sweep(), session_storage.end_expired_sessions()
+    if freed or ended:
+        release_memory()
 
 
 def session_cached(spinner: str) -> Callable:
